@@ -1,0 +1,3 @@
+"""The kfusion version."""
+
+__version__ = "0.1.0"

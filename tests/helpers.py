@@ -1,0 +1,128 @@
+"""Checks every kfusion layer goes through (shared by the layer and branch tests)."""
+
+import os
+
+import keras
+import numpy as np
+
+BACKEND = keras.config.backend()
+
+
+def to_inputs(arrays):
+    """Symbolic `keras.Input`s matching a structure of NumPy arrays (batch dim None)."""
+    return keras.tree.map_structure(
+        lambda a: keras.Input(shape=a.shape[1:], dtype=str(a.dtype)), arrays
+    )
+
+
+def as_numpy(x):
+    return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), x)
+
+
+def wrap(layer, arrays, head_units=None, **call_kwargs):
+    """A functional model: Inputs -> layer (-> Dense head) for saving and fitting."""
+    inputs = to_inputs(arrays)
+    out = layer(inputs, **call_kwargs)
+    if head_units:
+        if len(out.shape) > 2:
+            out = keras.layers.GlobalAveragePooling1D()(out)
+        out = keras.layers.Dense(head_units, dtype="float32")(out)
+    return keras.Model(inputs, out)
+
+
+def _shapes_of(arrays):
+    """The batch-free shapes of a list/dict/single array, as `build` receives them."""
+    if isinstance(arrays, dict):
+        return {k: (None,) + tuple(v.shape[1:]) for k, v in arrays.items()}
+    if isinstance(arrays, (list, tuple)):
+        return [(None,) + tuple(a.shape[1:]) for a in arrays]
+    return (None,) + tuple(arrays.shape[1:])
+
+
+def check_config_roundtrip(layer):
+    config = layer.get_config()
+    clone = layer.__class__.from_config(config)
+    assert clone.get_config() == config
+    return clone
+
+
+def check_symbolic_matches_eager(layer, arrays, **call_kwargs):
+    """compute_output_shape, the symbolic output and the eager output agree."""
+    symbolic = layer(to_inputs(arrays), **call_kwargs)
+    eager = layer(arrays, **call_kwargs)
+    flat_sym = [tuple(t.shape) for t in keras.tree.flatten(symbolic)]
+    flat_eager = [tuple(t.shape) for t in keras.tree.flatten(eager)]
+    assert len(flat_sym) == len(flat_eager)
+    for s, e in zip(flat_sym, flat_eager):
+        assert len(s) == len(e), (flat_sym, flat_eager)
+        for ds, de in zip(s, e):
+            assert ds is None or ds == de, (flat_sym, flat_eager)
+    if not call_kwargs:
+        computed = layer.compute_output_shape(_shapes_of(arrays))
+        assert tuple(computed)[1:] == flat_sym[0][1:], (computed, flat_sym)
+    return eager
+
+
+def check_fit_step(layer, arrays, targets_units=1, jit_compile=None):
+    """One `fit` step trains the layer's weights (and compiles with XLA where offered)."""
+    model = wrap(layer, arrays, head_units=targets_units)
+    if jit_compile is None:
+        jit_compile = BACKEND != "torch"
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", jit_compile=jit_compile)
+    n = len(keras.tree.flatten(arrays)[0])
+    y = np.random.default_rng(1).normal(size=(n, targets_units)).astype("float32")
+    before = [np.array(w) for w in layer.get_weights()]
+    history = model.fit(arrays, y, epochs=2, batch_size=n, verbose=0)
+    losses = history.history["loss"]
+    assert all(np.isfinite(losses))
+    after = layer.get_weights()
+    assert before, "layer has no weights to train"
+    assert any(not np.allclose(b, a) for b, a in zip(before, after)), "weights did not move"
+    return model
+
+
+def check_saving(layer, arrays, tmp_path, atol=1e-5, **call_kwargs):
+    """`.keras` save and load with safe_mode=True gives equal outputs."""
+    model = wrap(layer, arrays, **call_kwargs)
+    expected = as_numpy(model.predict(arrays, verbose=0))
+    path = os.path.join(str(tmp_path), "layer.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    got = as_numpy(loaded.predict(arrays, verbose=0))
+    for e, g in zip(keras.tree.flatten(expected), keras.tree.flatten(got)):
+        np.testing.assert_allclose(e, g, atol=atol, rtol=1e-5)
+    return loaded
+
+
+def check_saved_model(layer, arrays, tmp_path, atol=1e-5):
+    """TensorFlow SavedModel export reloads with `tf.saved_model.load`, equal outputs."""
+    import tensorflow as tf
+
+    model = wrap(layer, arrays)
+    expected = as_numpy(model(arrays))
+    path = os.path.join(str(tmp_path), "saved")
+    model.export(path, format="tf_saved_model", verbose=False)
+    reloaded = tf.saved_model.load(path)
+    got = as_numpy(reloaded.serve(arrays))
+    for e, g in zip(keras.tree.flatten(expected), keras.tree.flatten(got)):
+        np.testing.assert_allclose(e, g, atol=atol, rtol=1e-5)
+
+
+def check_mixed_precision(make_layer, arrays, policy, **call_kwargs):
+    """Under a mixed policy: float32 variables, outputs in the compute dtype, finite."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        layer = make_layer()
+        out = layer(arrays, **call_kwargs)
+        compute = keras.DTypePolicy(policy).compute_dtype
+        first = keras.tree.flatten(out)[0]
+        assert keras.backend.standardize_dtype(first.dtype) == compute
+        for v in layer.weights:
+            assert keras.backend.standardize_dtype(v.dtype) == "float32", v.path
+        for t in keras.tree.flatten(out):
+            assert np.all(
+                np.isfinite(np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(t, "float32"))))
+            )
+        return layer, out
+    finally:
+        keras.config.set_dtype_policy("float32")
