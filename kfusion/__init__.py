@@ -1,9 +1,10 @@
 """kfusion: multi-branch deep learning models for Keras 3."""
 
-from kfusion import layers
+from kfusion import branches, layers
 from kfusion.version import __version__
 
 __all__ = [
     "__version__",
+    "branches",
     "layers",
 ]

@@ -27,20 +27,21 @@ def check_int(name, value, minimum=1, allow_none=False):
 
 def check_int_tuple(name, value, minimum=1, allow_empty=False):
     """Accepts an int or a non-empty sequence of ints >= `minimum`; returns a tuple."""
+    items = value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value,)
-    ok = isinstance(value, (list, tuple)) and (allow_empty or len(value) > 0)
+        items = (value,)
+    ok = isinstance(items, (list, tuple)) and (allow_empty or len(items) > 0)
     if ok:
         ok = all(
             isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
-            for v in value
+            for v in items
         )
     if not ok:
         raise ValueError(
             f"`{name}` must be an integer >= {minimum} or a non-empty list of them. "
             f"Received: {name}={_describe(value)}"
         )
-    return tuple(int(v) for v in value)
+    return tuple(int(v) for v in items)
 
 
 def check_rate(name, value):
