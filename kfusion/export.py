@@ -1,0 +1,272 @@
+"""Export a model and prove the export: write atomically, reload, compare outputs.
+
+Formats:
+
+| format          | writes                      | reloaded with                          |
+|-----------------|-----------------------------|----------------------------------------|
+| `"saved_model"` | a TensorFlow SavedModel dir | `tf.saved_model.load` (`serve`)        |
+| `"keras"`       | a `.keras` file             | `keras.saving.load_model(safe_mode=True)` |
+| `"onnx"`        | a `.onnx` file              | onnxruntime, where installed           |
+| `"litert"`      | a `.tflite` file            | the LiteRT / TFLite interpreter        |
+
+Every export is written to a temporary path beside the target, reloaded and compared with
+the model on a probe batch, and only then renamed into place: a failed export leaves an
+earlier export at that path intact, and nothing half-written where the user's file was.
+"""
+
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+
+FORMATS = ("saved_model", "keras", "onnx", "litert")
+_ALIASES = {"tf_saved_model": "saved_model", "tflite": "litert"}
+SERVING_SIGNATURE = "serving_default"
+
+
+class ExportVerificationError(RuntimeError):
+    """The reloaded export's outputs differ from the model's."""
+
+
+def _input_specs(model):
+    specs = getattr(model, "input_specs", None)
+    if specs:
+        return specs
+    inputs = model.inputs
+    return [
+        {
+            "name": t.name,
+            "shape": list(t.shape[1:]),
+            "dtype": keras.backend.standardize_dtype(t.dtype),
+        }
+        for t in inputs
+    ]
+
+
+def probe_batch(model, batch_size=2, seed=0):
+    """A small batch of inputs for `model`: normal floats, token ids >= 1 for int inputs.
+
+    Args:
+        model: a keras Model (FusionModel or any functional model).
+        batch_size: int, rows in the batch.
+        seed: int, NumPy seed.
+
+    Returns:
+        One array (single input) or a dict input name -> array.
+
+    Example:
+
+    >>> import keras
+    >>> from kfusion.export import probe_batch
+    >>> i = keras.Input((3,), name="x")
+    >>> probe_batch(keras.Model(i, keras.layers.Dense(1)(i))).shape
+    (2, 3)
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec in _input_specs(model):
+        shape = (batch_size,) + tuple(d if d is not None else 8 for d in spec["shape"])
+        dtype = spec["dtype"]
+        if dtype.startswith(("int", "uint")):
+            out[spec["name"]] = rng.integers(1, 3, size=shape).astype(dtype)
+        else:
+            out[spec["name"]] = rng.normal(size=shape).astype(dtype)
+    if len(out) == 1 and not isinstance(model.input, dict):
+        return next(iter(out.values()))
+    return out
+
+
+def _to_numpy(x):
+    return [np.asarray(keras.ops.convert_to_numpy(t)) for t in keras.tree.flatten(x)]
+
+
+def _compare(expected, got, atol, rtol, what):
+    expected, got = _to_numpy(expected), _to_numpy(got)
+    if len(expected) != len(got):
+        raise ExportVerificationError(
+            f"{what}: the reloaded export returns {len(got)} outputs, the model {len(expected)}"
+        )
+    for e, g in zip(expected, got):
+        e = e.astype("float32")
+        g = np.asarray(g).astype("float32").reshape(e.shape)
+        if not np.allclose(e, g, atol=atol, rtol=rtol):
+            raise ExportVerificationError(
+                f"{what}: reloaded outputs differ from the model's "
+                f"(max abs difference {np.max(np.abs(e - g)):.3g}, atol={atol})."
+            )
+
+
+def _sorted_outputs(outputs):
+    if isinstance(outputs, dict):
+        return [outputs[k] for k in sorted(outputs)]
+    return outputs
+
+
+def _model_outputs(model, probe):
+    out = model(probe, training=False)
+    return _sorted_outputs(out) if isinstance(out, dict) else out
+
+
+def _require_tensorflow(fmt):
+    try:
+        import tensorflow as tf
+    except ImportError as e:  # pragma: no cover - TensorFlow is a dependency
+        raise RuntimeError(f"format={fmt!r} needs TensorFlow (`pip install tensorflow`).") from e
+    return tf
+
+
+def _write_saved_model(model, path, probe, atol, rtol):
+    tf = _require_tensorflow("saved_model")
+    if keras.config.backend() not in ("tensorflow", "jax"):
+        raise RuntimeError(
+            "format='saved_model' needs the TensorFlow or JAX backend. "
+            f"Current backend: {keras.config.backend()}."
+        )
+    model.export(path, format="tf_saved_model", verbose=False)
+    reloaded = tf.saved_model.load(path)
+    got = reloaded.serve(probe)
+    if isinstance(got, dict):
+        got = _sorted_outputs(got)
+    _compare(_model_outputs(model, probe), got, atol, rtol, "saved_model")
+    if SERVING_SIGNATURE not in reloaded.signatures:
+        raise ExportVerificationError(
+            f"saved_model: no {SERVING_SIGNATURE!r} signature in {sorted(reloaded.signatures)}"
+        )
+
+
+def _write_keras(model, path, probe, atol, rtol):
+    model.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    _compare(_model_outputs(model, probe), _model_outputs(reloaded, probe), atol, rtol, "keras")
+
+
+def _write_onnx(model, path, probe, atol, rtol):
+    model(probe, training=False)  # keras' ONNX exporter needs a model that has been called
+    model.export(path, format="onnx", verbose=False)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return  # written; not verified (documented: onnxruntime is an optional extra)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = probe if isinstance(probe, dict) else {session.get_inputs()[0].name: probe}
+    names = [i.name for i in session.get_inputs()]
+    if isinstance(probe, dict) and set(names) != set(probe):
+        feeds = dict(zip(names, [probe[k] for k in sorted(probe)]))
+    got = session.run(None, {k: np.asarray(v) for k, v in feeds.items()})
+    expected = model(probe, training=False)
+    if isinstance(expected, dict):
+        order = [o.name for o in session.get_outputs()]
+        by_name = dict(zip(order, got))
+        if set(by_name) == set(expected):
+            got = [by_name[k] for k in sorted(expected)]
+        expected = _sorted_outputs(expected)
+    _compare(expected, got, atol, rtol, "onnx")
+
+
+def _write_litert(model, path, probe, atol, rtol):
+    tf = _require_tensorflow("litert")
+    model.export(path, format="litert", verbose=False)
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=path)
+    runner = interpreter.get_signature_runner()
+    inputs = probe if isinstance(probe, dict) else None
+    expected = _model_outputs(model, probe)
+    rows = len(keras.tree.flatten(probe)[0])
+    got_rows = []
+    sig_inputs = interpreter.get_signature_list()[SERVING_SIGNATURE]["inputs"]
+    for r in range(rows):
+        if inputs is None:
+            feed = {sig_inputs[0]: np.asarray(probe[r : r + 1])}
+        else:
+            feed = {k: np.asarray(inputs[k][r : r + 1]) for k in sig_inputs}
+        result = runner(**feed)
+        got_rows.append([result[k] for k in sorted(result)])
+    got = [np.concatenate([row[i] for row in got_rows]) for i in range(len(got_rows[0]))]
+    _compare(expected, got, atol, rtol, "litert")
+
+
+_WRITERS = {
+    "saved_model": _write_saved_model,
+    "keras": _write_keras,
+    "onnx": _write_onnx,
+    "litert": _write_litert,
+}
+_SUFFIX = {"keras": ".keras", "onnx": ".onnx", "litert": ".tflite"}
+
+
+def _publish(tmp, path):
+    """Moves `tmp` to `path`; an earlier file or folder at `path` is replaced only then."""
+    if os.path.lexists(path):
+        backup = f"{tmp}.previous"
+        os.replace(path, backup)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(backup, path)
+            raise
+        if os.path.isdir(backup) and not os.path.islink(backup):
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.unlink(backup)
+    else:
+        os.replace(tmp, path)
+
+
+def export(model, path, format="saved_model", probe=None, atol=1e-4, rtol=1e-4):
+    """Exports `model` to `path`, then reloads the export and checks its outputs.
+
+    The export is written beside `path` under a temporary name, reloaded, compared with the
+    model on `probe`, and renamed into place only when the outputs agree: a failed export
+    raises and leaves whatever was at `path` before intact.
+
+    Args:
+        model: a keras Model (a `FusionModel`, an ensemble, a distilled student...).
+        path: where to write. A folder for `"saved_model"`, a file for the others.
+        format: `"saved_model"` (TensorFlow SavedModel with a `"serving_default"`
+            signature; loads with `tf.saved_model.load` without kfusion), `"keras"`,
+            `"onnx"` or `"litert"`.
+        probe: input batch for the check; default: `probe_batch(model)`.
+        atol: absolute tolerance of the check.
+        rtol: relative tolerance of the check.
+
+    Returns:
+        The path written, as a string.
+
+    Raises:
+        ValueError: for an unknown `format`.
+        ExportVerificationError: when the reloaded export's outputs differ.
+
+    Example:
+
+    >>> import keras, tempfile, os
+    >>> from kfusion.export import export
+    >>> i = keras.Input((3,), name="x")
+    >>> model = keras.Model(i, keras.layers.Dense(2)(i))
+    >>> out = export(model, os.path.join(tempfile.mkdtemp(), "m.keras"), format="keras")
+    >>> os.path.basename(out)
+    'm.keras'
+    """
+    fmt = _ALIASES.get(format, format)
+    if fmt not in FORMATS:
+        raise ValueError(f"`format` must be one of {list(FORMATS)}. Received: format={format!r}")
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if probe is None:
+        probe = probe_batch(model)
+    base = os.path.basename(path)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        tmp = os.path.join(tmp_dir, base if fmt == "saved_model" else "export" + _SUFFIX[fmt])
+        _WRITERS[fmt](model, tmp, probe, atol, rtol)
+        _publish(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path

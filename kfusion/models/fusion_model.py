@@ -1,0 +1,468 @@
+import keras
+import numpy as np
+
+from kfusion.branches._base import is_integer_dtype
+from kfusion.layers import _utils
+from kfusion.models import _factory, _spec
+
+
+def _input_spec(tensor, name):
+    return {
+        "name": name,
+        "shape": [None if d is None else int(d) for d in tensor.shape[1:]],
+        "dtype": keras.backend.standardize_dtype(tensor.dtype),
+    }
+
+
+def _fresh_input(tensor, name):
+    """A new `keras.Input` like `tensor`, named `name` (the model's own input node)."""
+    if not isinstance(tensor, keras.KerasTensor):
+        raise ValueError(
+            f"`inputs` must be a keras.Input or a dict of them. Received: {name}={tensor!r}"
+        )
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    return keras.Input(shape=tuple(tensor.shape[1:]), dtype=dtype, name=name)
+
+
+def _normalize_inputs(inputs):
+    """Returns `(dict name -> keras.Input, single)` from what the user passed.
+
+    Accepts one `keras.Input`, a dict name -> `keras.Input` (or name -> `{"shape",
+    "dtype"}`), or the config form: a list of `{"name", "shape", "dtype"}` dicts. The
+    model gets fresh inputs named after the dict keys, so the serving signature and
+    `fit`'s dict keys are the names the user chose.
+    """
+    if isinstance(inputs, keras.KerasTensor):
+        name = getattr(inputs, "name", None) or ""
+        if not name or name.startswith("keras_tensor"):
+            name = "inputs"
+        return {name: _fresh_input(inputs, name)}, True
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, dict) for s in inputs):
+        inputs = {s.get("name"): s for s in inputs}
+    if isinstance(inputs, dict) and inputs:
+        out = {}
+        for key, value in inputs.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"`inputs` keys must be non-empty strings. Received: {key!r}")
+            if isinstance(value, dict):
+                if "shape" not in value:
+                    raise ValueError(f"`inputs[{key!r}]` needs a 'shape'. Received: {value!r}")
+                value = keras.Input(shape=tuple(value["shape"]), dtype=value.get("dtype"))
+            out[key] = _fresh_input(value, key)
+        return out, False
+    raise ValueError(
+        f"`inputs` must be a keras.Input or a non-empty dict of them. Received: inputs={inputs!r}"
+    )
+
+
+def _normalize_branches(branches, input_names, single):
+    """Returns an ordered dict input name -> list of layers."""
+    if isinstance(branches, keras.layers.Layer):
+        branches = [branches]
+    if isinstance(branches, (list, tuple)):
+        if not single and len(input_names) > 1:
+            raise ValueError(
+                "With several inputs, `branches` must be a dict input name -> list of "
+                f"branches. Inputs: {list(input_names)}. Received: branches={branches!r}"
+            )
+        branches = {input_names[0]: list(branches)}
+    if not isinstance(branches, dict) or not branches:
+        raise ValueError(
+            "`branches` must be a non-empty list of branch layers or a dict input name -> "
+            f"list of them. Received: branches={branches!r}"
+        )
+    out = {}
+    for key, value in branches.items():
+        if key not in input_names:
+            raise ValueError(
+                f"`branches` names an input that does not exist. Received: branches key "
+                f"{key!r}; inputs are {list(input_names)}.{_factory.suggest(key, input_names)}"
+            )
+        items = [value] if isinstance(value, keras.layers.Layer) else value
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError(
+                f"`branches[{key!r}]` must be a branch layer or a non-empty list of them. "
+                f"Received: {value!r}"
+            )
+        for item in items:
+            if not isinstance(item, keras.layers.Layer):
+                raise ValueError(
+                    f"`branches[{key!r}]` must hold keras layers (kf.branches.CNN(), ...). "
+                    f"Received: {item!r}"
+                )
+        out[key] = list(items)
+    missing = [n for n in input_names if n not in out]
+    if missing:
+        raise ValueError(
+            f"Every input needs at least one branch. Inputs without a branch: {missing}. "
+            f"Received: branches keys {list(out)}"
+        )
+    return out
+
+
+def _unique_layers(branches):
+    """Distinct branch instances in order of first appearance; checks name clashes."""
+    seen, names = [], {}
+    for items in branches.values():
+        for layer in items:
+            if any(layer is s for s in seen):
+                continue
+            if layer.name in names:
+                raise ValueError(
+                    f"Two different branch layers share the name {layer.name!r}. Give each "
+                    "branch a unique `name=` (the same instance listed twice shares weights)."
+                    f" Received: branches with names {[s.name for s in seen] + [layer.name]}"
+                )
+            names[layer.name] = layer
+            seen.append(layer)
+    return seen
+
+
+@keras.saving.register_keras_serializable(package="kfusion")
+class FusionModel(keras.Model):
+    """A multi-branch model: inputs -> branches -> fusion layer -> head, one graph.
+
+    A functional `keras.Model` built the way keras-hub builds its backbones: the
+    constructor creates the layers, wires the functional graph and stores its arguments,
+    so `get_config()` returns exactly what rebuilds it. Each branch turns one input into
+    features (`kf.branches`), a fusion layer (`kf.layers`) combines the branch features,
+    and a head (`kf.heads`) makes the predictions. Train with plain `fit`.
+
+    Weight sharing: one branch instance listed under two inputs is one set of weights (a
+    siamese or tied branch). With a single branch there is nothing to fuse and `fusion`
+    is not used.
+
+    Args:
+        inputs: one `keras.Input`, or a dict name -> `keras.Input` for several inputs.
+        branches: a list of branch layers (all take the single input), or a dict input
+            name -> list of branch layers (or one branch layer).
+        fusion: a fusion name, one of `"concat"`, `"weighted"`, `"attention"`, `"gated"`,
+            `"cross_attention"`, `"low_rank"`, `"film"`, or a fusion layer instance
+            (`kf.layers.GatedFusion(128)`). Defaults to `"concat"`.
+        head: a head (`kf.heads.Classification(10)`, ...) or None to output the fused
+            features.
+        fusion_units: int or None. Width of a fusion layer made from a name (default: the
+            widest branch output; `"concat"`: no projection).
+        **kwargs: `keras.Model` arguments (`name`, ...).
+
+    Returns:
+        A `keras.Model`. `compile(optimizer=...)` takes the head's loss and metrics by
+        default.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> import kfusion as kf
+    >>> model = kf.FusionModel(
+    ...     inputs=keras.Input((16, 3), name="signal"),
+    ...     branches=[kf.branches.CNN(filters=(8,)), kf.branches.RNN(units=8)],
+    ...     fusion="gated",
+    ...     head=kf.heads.Classification(3),
+    ... )
+    >>> model.compile(optimizer="adam")
+    >>> x = np.random.normal(size=(8, 16, 3)).astype("float32")
+    >>> _ = model.fit(x, np.arange(8) % 3, epochs=1, verbose=0)
+    >>> model.predict(x, verbose=0).shape
+    (8, 3)
+    """
+
+    def __init__(
+        self,
+        inputs,
+        branches,
+        fusion="concat",
+        head=None,
+        fusion_units=None,
+        **kwargs,
+    ):
+        single = kwargs.pop("single_input", None)
+        fusion_units = _utils.check_int("fusion_units", fusion_units, allow_none=True)
+        # === Inputs and branches ===
+        input_map, is_single = _normalize_inputs(inputs)
+        if single is not None:
+            is_single = bool(single) and len(input_map) == 1
+        names = list(input_map)
+        branch_map = _normalize_branches(branches, names, is_single)
+        unique = _unique_layers(branch_map)
+        if isinstance(fusion, str):
+            _factory.check_fusion_name(fusion)
+        elif fusion is not None and not isinstance(fusion, keras.layers.Layer):
+            raise ValueError(
+                f"`fusion` must be a fusion name or a keras layer. Received: fusion={fusion!r}"
+            )
+        if head is not None and not isinstance(head, keras.layers.Layer):
+            raise ValueError(f"`head` must be a kfusion head or None. Received: head={head!r}")
+        for input_name, items in branch_map.items():
+            tensor = input_map[input_name]
+            for branch in items:
+                if hasattr(branch, "check_input"):
+                    branch.check_input(tensor.shape, tensor.dtype, input_name=input_name)
+
+        # === Functional graph ===
+        features = []
+        for input_name, items in branch_map.items():
+            for branch in items:
+                features.append(branch(input_map[input_name]))
+        fusion_layer = None
+        if len(features) == 1:
+            fused = features[0]
+        else:
+            if fusion is None or isinstance(fusion, str):
+                widths = [int(f.shape[-1]) for f in features]
+                fusion_layer = _factory.make_fusion(fusion or "concat", widths, units=fusion_units)
+            else:
+                fusion_layer = fusion
+            _check_feature_ranks(features, fusion_layer, unique, branch_map)
+            fused = fusion_layer(features)
+        if head is None:
+            outputs = fused
+        elif hasattr(head, "heads") and isinstance(head.heads, dict):
+            # MultiTask: one output per task, each from its own named layer.
+            outputs = {task: sub(fused) for task, sub in head.heads.items()}
+        else:
+            outputs = head(fused)
+        model_inputs = input_map[names[0]] if is_single else input_map
+        super().__init__(inputs=model_inputs, outputs=outputs, **kwargs)
+
+        # === Config ===
+        self.input_specs = [_input_spec(input_map[n], n) for n in names]
+        self.single_input = is_single
+        self.branch_map = {k: [b.name for b in v] for k, v in branch_map.items()}
+        self.branch_layers = unique
+        self.fusion = fusion if isinstance(fusion, str) or fusion is None else None
+        self.fusion_layer = fusion_layer
+        self.head = head
+        self.fusion_units = fusion_units
+        self._branches_as_list = isinstance(branches, (list, tuple)) or isinstance(
+            branches, keras.layers.Layer
+        )
+
+    # ------------------------------------------------------------------ training
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        """Configures training; `loss` and `metrics` default to the head's.
+
+        Args:
+            optimizer: as in `keras.Model.compile`. Defaults to `"adam"`.
+            loss: as in `keras.Model.compile`; None takes `head.default_loss()`.
+            metrics: as in `keras.Model.compile`; None takes `head.default_metrics()`.
+            **kwargs: other `keras.Model.compile` arguments (`jit_compile`, ...).
+        """
+        if loss is None and self.head is not None:
+            loss = self.head.default_loss()
+        if metrics is None and self.head is not None:
+            metrics = self.head.default_metrics()
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        """Restores the compiled state saved in a `.keras` file (loss, metrics, optimizer)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`, after checking `x` against the model's inputs."""
+        self.check_data(x)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.evaluate`, after checking `x` against the model's inputs."""
+        self.check_data(x)
+        return super().evaluate(x, y, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        """`keras.Model.predict`, after checking `x` against the model's inputs."""
+        self.check_data(x)
+        return super().predict(x, *args, **kwargs)
+
+    def check_data(self, x):
+        """Raises `ValueError` naming the input and its expected shape when `x` can't fit.
+
+        Checks NumPy arrays and dicts of them (datasets and generators are left to keras).
+
+        Args:
+            x: the data passed to `fit`, `evaluate` or `predict`.
+        """
+        specs = {s["name"]: s for s in self.input_specs}
+        if x is None or not _is_array_like(x, allow_dict=True):
+            return
+        if self.single_input:
+            (name,) = specs
+            if isinstance(x, dict):
+                if set(x) != {name}:
+                    raise ValueError(
+                        f"This model has one input {name!r} of shape "
+                        f"{_shape_str(specs[name])}; received a dict with keys {sorted(x)}."
+                    )
+                x = x[name]
+            _check_array(name, x, specs[name])
+            return
+        if isinstance(x, (list, tuple)) and len(x) == len(specs):
+            x = dict(zip(specs, x))
+        if not isinstance(x, dict):
+            raise ValueError(
+                "This model has several inputs; pass a dict input name -> array. Expected: "
+                + ", ".join(f"{n!r} of shape {_shape_str(s)}" for n, s in specs.items())
+            )
+        missing = [n for n in specs if n not in x]
+        if missing:
+            raise ValueError(
+                f"Missing input(s) {missing}. Expected: "
+                + ", ".join(f"{n!r} of shape {_shape_str(s)}" for n, s in specs.items())
+                + f". Received keys: {sorted(x)}"
+            )
+        unknown = [n for n in x if n not in specs]
+        if unknown:
+            raise ValueError(
+                f"Unknown input name(s) {unknown}. This model's inputs are {list(specs)}."
+                + _factory.suggest(unknown[0], specs)
+            )
+        for name, spec in specs.items():
+            _check_array(name, x[name], spec)
+
+    # ------------------------------------------------------------------- config
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "inputs": [dict(s) for s in self.input_specs],
+            "single_input": self.single_input,
+            "branch_layers": [keras.saving.serialize_keras_object(b) for b in self.branch_layers],
+            "branches": (
+                list(self.branch_map[self.input_specs[0]["name"]])
+                if self.single_input and self._branches_as_list
+                else {k: list(v) for k, v in self.branch_map.items()}
+            ),
+            "fusion": (
+                keras.saving.serialize_keras_object(self.fusion_layer)
+                if self.fusion_layer is not None
+                else self.fusion
+            ),
+            "head": keras.saving.serialize_keras_object(self.head) if self.head else None,
+            "fusion_units": self.fusion_units,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layers = [
+            keras.saving.deserialize_keras_object(c, custom_objects=custom_objects)
+            for c in config.pop("branch_layers")
+        ]
+        by_name = {layer.name: layer for layer in layers}
+        branches = config.pop("branches")
+        if isinstance(branches, dict):
+            branches = {k: [by_name[n] for n in v] for k, v in branches.items()}
+        else:
+            branches = [by_name[n] for n in branches]
+        fusion = config.pop("fusion")
+        if isinstance(fusion, dict):
+            fusion = keras.saving.deserialize_keras_object(fusion, custom_objects=custom_objects)
+        head = config.pop("head")
+        if head is not None:
+            head = keras.saving.deserialize_keras_object(head, custom_objects=custom_objects)
+        return cls(branches=branches, fusion=fusion, head=head, **config)
+
+    # --------------------------------------------------------------------- spec
+    @classmethod
+    def from_spec(cls, spec):
+        """Builds a FusionModel from a declarative spec.
+
+        Args:
+            spec: a dict, a JSON string, or a path to a `.json` / `.yaml` / `.yml` file with
+                keys `inputs`, `branches`, `fusion`, `head` and optionally `name` and
+                `fusion_units` (see `to_spec`).
+
+        Returns:
+            A new FusionModel.
+
+        Example:
+
+        >>> import kfusion as kf
+        >>> model = kf.FusionModel.from_spec({
+        ...     "inputs": {"x": {"shape": [12], "dtype": "float32"}},
+        ...     "branches": {"x": [{"type": "MLP", "units": [8]}]},
+        ...     "head": {"type": "Regression"},
+        ... })
+        >>> model.output_shape
+        (None, 1)
+        """
+        return cls(**_spec.spec_to_kwargs(_spec.load_spec(spec)))
+
+    def to_spec(self):
+        """The model as a plain, JSON/YAML-friendly spec that `from_spec` rebuilds."""
+        return _spec.model_to_spec(self)
+
+    # -------------------------------------------------------------- inspection
+    @property
+    def fusion_kind(self):
+        """The fusion layer's name (`"gated"`, ...) or None with a single branch."""
+        if self.fusion_layer is None:
+            return None
+        cls_name = type(self.fusion_layer).__name__
+        for key, value in _factory.FUSION_NAMES.items():
+            if value == cls_name:
+                return key
+        return cls_name
+
+    def branch_features(self):
+        """A `keras.Model` from the inputs to the list of branch features (pre-fusion).
+
+        Returns:
+            A `keras.Model` whose outputs are the branch features, in the order the fusion
+            layer receives them.
+        """
+        if self.fusion_layer is not None:
+            features = list(self.fusion_layer._inbound_nodes[0].input_tensors)
+        elif self.head is not None:
+            node = keras.tree.flatten(self.outputs)[0]._keras_history.operation
+            features = list(node._inbound_nodes[0].input_tensors)
+        else:
+            features = keras.tree.flatten(self.outputs)
+        return keras.Model(self.input, features, name=f"{self.name}_branch_features")
+
+
+def _check_feature_ranks(features, fusion_layer, unique, branch_map):
+    token_level = type(fusion_layer).__name__ in ("CrossAttentionFusion", "FiLMFusion")
+    if token_level:
+        return
+    for feature in features:
+        if len(feature.shape) != 2:
+            raise ValueError(
+                f"Fusion {type(fusion_layer).__name__} takes one vector per branch, but a "
+                f"branch returns shape {tuple(feature.shape)}. Give the branch a pooling "
+                "mode (pooling='mean') or use fusion='cross_attention' for token-level "
+                "fusion."
+            )
+
+
+def _is_array_like(x, allow_dict):
+    if isinstance(x, dict):
+        return allow_dict and all(_is_array_like(v, False) for v in x.values())
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, np.ndarray) for v in x):
+        return True
+    return isinstance(x, (np.ndarray, list)) or hasattr(x, "__array__")
+
+
+def _shape_str(spec):
+    return str((None,) + tuple(spec["shape"]))
+
+
+def _check_array(name, array, spec):
+    shape = np.shape(array)
+    expected = [None] + list(spec["shape"])
+    ok = len(shape) == len(expected) and all(
+        e is None or e == s for e, s in zip(expected[1:], shape[1:])
+    )
+    if not ok:
+        raise ValueError(
+            f"Input {name!r} expects arrays of shape {_shape_str(spec)} (batch first). "
+            f"Received shape {tuple(shape)}."
+        )
+    dtype = getattr(array, "dtype", None)
+    if dtype is not None and is_integer_dtype(spec["dtype"]):
+        if not np.issubdtype(np.dtype(dtype), np.integer):
+            raise ValueError(
+                f"Input {name!r} expects integer token ids ({spec['dtype']}) of shape "
+                f"{_shape_str(spec)}. Received dtype {np.dtype(dtype)}."
+            )
