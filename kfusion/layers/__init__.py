@@ -1,7 +1,25 @@
 """Fusion layers and the reusable blocks kfusion's branches are built from."""
 
+from kfusion.layers.attention_fusion import AttentionFusion
 from kfusion.layers.concat_fusion import ConcatFusion
+from kfusion.layers.cross_attention_fusion import CrossAttentionFusion
+from kfusion.layers.film_fusion import FiLMFusion
+from kfusion.layers.gated_fusion import GatedFusion
+from kfusion.layers.low_rank_fusion import LowRankFusion
+from kfusion.layers.patch_embedding import PatchEmbedding
+from kfusion.layers.position_embedding import PositionEmbedding
+from kfusion.layers.transformer_block import TransformerBlock
+from kfusion.layers.weighted_sum_fusion import WeightedSumFusion
 
 __all__ = [
+    "AttentionFusion",
     "ConcatFusion",
+    "CrossAttentionFusion",
+    "FiLMFusion",
+    "GatedFusion",
+    "LowRankFusion",
+    "PatchEmbedding",
+    "PositionEmbedding",
+    "TransformerBlock",
+    "WeightedSumFusion",
 ]

@@ -55,6 +55,18 @@ def check_rate(name, value):
     return float(value)
 
 
+def check_positive_float(name, value):
+    """Raises `ValueError` unless `value` is a real number > 0 (e.g. an epsilon)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not float(value) > 0.0
+        or float(value) == float("inf")
+    ):
+        raise ValueError(f"`{name}` must be a positive float. Received: {name}={_describe(value)}")
+    return float(value)
+
+
 def check_choice(name, value, choices):
     """Raises `ValueError` unless `value` is one of `choices`."""
     if value not in choices:
@@ -82,6 +94,19 @@ def check_activation(name, value):
         raise ValueError(
             f"`{name}` must be an activation name known to keras. Received: {name}={value!r}"
         ) from e
+    return value
+
+
+def check_initializer(name, value):
+    """Raises `ValueError` when keras cannot resolve `value` as an initializer."""
+    try:
+        resolved = keras.initializers.get(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"`{name}` must be an initializer known to keras. Received: {name}={value!r}"
+        ) from e
+    if resolved is None:
+        raise ValueError(f"`{name}` must be an initializer, not None. Received: {name}=None")
     return value
 
 

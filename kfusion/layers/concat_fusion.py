@@ -37,9 +37,9 @@ class ConcatFusion(keras.layers.Layer):
     >>> import numpy as np
     >>> import kfusion as kf
     >>> a, b = np.ones((2, 3), "float32"), np.ones((2, 5), "float32")
-    >>> kf.layers.ConcatFusion()([a, b]).shape
+    >>> tuple(kf.layers.ConcatFusion()([a, b]).shape)
     (2, 8)
-    >>> kf.layers.ConcatFusion(units=4)([a, b]).shape
+    >>> tuple(kf.layers.ConcatFusion(units=4)([a, b]).shape)
     (2, 4)
     """
 

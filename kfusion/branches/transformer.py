@@ -1,0 +1,262 @@
+import keras
+from keras import ops
+
+from kfusion.branches._base import BaseBranch
+from kfusion.layers import _utils
+from kfusion.layers.patch_embedding import PatchEmbedding
+from kfusion.layers.position_embedding import PositionEmbedding
+from kfusion.layers.transformer_block import TransformerBlock
+
+
+@keras.saving.register_keras_serializable(package="kfusion")
+class Transformer(BaseBranch):
+    """A Transformer encoder branch for token ids, sequences and images.
+
+    A stack of `depth` `TransformerBlock`s (Vaswani et al. 2017, *Attention
+    Is All You Need*; pre-norm by default, Xiong et al. 2020) over `dim`-wide
+    tokens made from the input:
+
+        token ids  (batch, T):        z = W_p Embed(ids) + b_p + P[:T]
+        sequences  (batch, T, F):     z = W_p x + b_p + P[:T]
+        images     (batch, H, W, C):  z = PatchEmbed(x) + P[:N]   (ViT, Dosovitskiy et al. 2021)
+        z = dropout(z); z = [c; z] when pooling="cls"
+        z = block_depth(... block_1(z, mask) ...); z = LN(z) when norm_first
+
+    `P` is a learned position table of `max_length` rows and `c` a learned
+    CLS token (BERT, Devlin et al. 2019; ViT). The CLS token is prepended
+    after the position embedding, so `max_length` bounds the input length
+    (T, or N = (H // ph) * (W // pw) patches) and not the length plus one.
+
+    Token ids use id 0 as padding: their mask (and the keras mask of a float
+    sequence) becomes the blocks' padding mask, so padded steps are never
+    attended and right-padding never changes the result. With
+    `pooling="cls"` the mask is extended by one True for the CLS token and
+    the CLS token's final state is returned. `"mean"`, `"max"` and `"last"`
+    pool the final tokens with the mask. Padded steps of the returned
+    tokens (`pooling=None`) are zero.
+
+    Under mixed precision the attention softmax and the layer norm
+    statistics are computed in float32; the output is in the policy's
+    compute dtype.
+
+    Args:
+        dim: int, the token width (model dimension). Must be a multiple of
+            `num_heads`. Defaults to 64.
+        depth: int, the number of Transformer blocks. Defaults to 2.
+        num_heads: int, attention heads per block (each of size
+            `dim // num_heads`). Defaults to 4.
+        intermediate_dim: int or None, the feed-forward hidden width.
+            Defaults to `4 * dim`.
+        dropout: float in [0, 1), dropout on the embedded tokens and inside
+            every block.
+        max_length: int, the longest input (steps or patches) the position
+            table covers. Defaults to 512.
+        patch_size: int or pair `(ph, pw)`, the image patch size (images
+            only). Defaults to 4.
+        vocab_size: int or None. When given, the branch takes integer token
+            ids (0 is padding) and embeds them.
+        embedding_dim: int or None, the token embedding width before the
+            projection to `dim`. Defaults to 64.
+        pooling: `"cls"`, `"mean"`, `"max"`, `"last"` (masked), or None to
+            return every token with its mask. Defaults to `"mean"`.
+        output_dim: int or None, width of a final linear projection (per
+            token when `pooling=None`).
+        norm_first: bool, pre-norm blocks and a final `LayerNormalization`
+            (True) or post-norm blocks (False).
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: integer token ids `(batch, T)` (with `vocab_size`), a float
+            sequence `(batch, T, F)` or an image `(batch, H, W, C)`. `T` may
+            be unknown until call time (then at most `max_length`).
+        training: bool, whether dropout is active.
+        mask: optional boolean `(batch, T)` mask for float sequences (token
+            ids make their own mask from the zeros).
+
+    Returns:
+        `(batch, D)` with a pooling, otherwise `(batch, T, D)` for token ids
+        and sequences (with the input's mask) or `(batch, N, D)` for images,
+        where `D` is `output_dim` or `dim`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import kfusion as kf
+    >>> encoder = kf.branches.Transformer(dim=16, depth=1, num_heads=2)
+    >>> tuple(encoder(np.ones((2, 10, 4), "float32")).shape)
+    (2, 16)
+    >>> vit = kf.branches.Transformer(dim=16, depth=1, num_heads=2, patch_size=4, pooling="cls")
+    >>> tuple(vit(np.ones((2, 8, 8, 3), "float32")).shape)
+    (2, 16)
+    >>> text = kf.branches.Transformer(dim=8, depth=1, num_heads=2, vocab_size=100, pooling=None)
+    >>> tuple(text(np.array([[5, 7, 9, 0], [3, 0, 0, 0]])).shape)
+    (2, 4, 8)
+    """
+
+    name_prefix = "transformer_branch"
+    kinds = ("tokens", "sequence", "image")
+    poolings = ("cls", "mean", "max", "last", None)
+
+    def __init__(
+        self,
+        dim=64,
+        depth=2,
+        num_heads=4,
+        intermediate_dim=None,
+        dropout=0.0,
+        max_length=512,
+        patch_size=4,
+        vocab_size=None,
+        embedding_dim=None,
+        pooling="mean",
+        output_dim=None,
+        norm_first=True,
+        **kwargs,
+    ):
+        dim = _utils.check_int("dim", dim)
+        depth = _utils.check_int("depth", depth)
+        num_heads = _utils.check_int("num_heads", num_heads)
+        if dim % num_heads:
+            raise ValueError(
+                "`dim` must be a multiple of `num_heads`. "
+                f"Received: dim={dim}, num_heads={num_heads}"
+            )
+        intermediate_dim = _utils.check_int("intermediate_dim", intermediate_dim, allow_none=True)
+        dropout = _utils.check_rate("dropout", dropout)
+        max_length = _utils.check_int("max_length", max_length)
+        patch_size = _utils.check_int_tuple("patch_size", patch_size)
+        if len(patch_size) not in (1, 2):
+            raise ValueError(
+                "`patch_size` must be an integer or a pair (ph, pw). "
+                f"Received: patch_size={patch_size!r}"
+            )
+        norm_first = _utils.check_bool("norm_first", norm_first)
+        super().__init__(
+            pooling=pooling,
+            output_dim=output_dim,
+            vocab_size=vocab_size,
+            embedding_dim=embedding_dim,
+            **kwargs,
+        )
+        self.dim = dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.dropout = dropout
+        self.max_length = max_length
+        self.patch_size = patch_size * 2 if len(patch_size) == 1 else patch_size
+        self.norm_first = norm_first
+
+        self.position_embedding = PositionEmbedding(
+            self.max_length, dtype=self.dtype_policy, name="position_embedding"
+        )
+        self.embedding_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="embedding_dropout"
+        )
+        self.blocks = [
+            TransformerBlock(
+                num_heads=self.num_heads,
+                intermediate_dim=self.intermediate_dim or 4 * self.dim,
+                dropout=self.dropout,
+                norm_first=self.norm_first,
+                dtype=self.dtype_policy,
+                name=f"block_{i}",
+            )
+            for i in range(self.depth)
+        ]
+        self.final_norm = None
+        if self.norm_first:
+            self.final_norm = keras.layers.LayerNormalization(
+                epsilon=1e-6, dtype=self.dtype_policy, name="final_norm"
+            )
+        # The input stem (a Dense projection for token ids and sequences, a
+        # PatchEmbedding for images) and the CLS token depend on the input
+        # kind and width: `_build_body` creates them.
+        self.projection = None
+        self.patch_embedding = None
+        self.cls_token = None
+
+    # ----------------------------------------------------------- body contract
+    def _token_count(self, kind, shape):
+        """The number of tokens the blocks see before any CLS token (None if unknown)."""
+        if kind != "image":
+            return shape[1]
+        (ph, pw), height, width = self.patch_size, shape[1], shape[2]
+        return None if height is None or width is None else (height // ph) * (width // pw)
+
+    def _build_body(self, kind, shape):
+        shape = tuple(shape)
+        if kind == "image":
+            self.patch_embedding = PatchEmbedding(
+                self.patch_size, self.dim, dtype=self.dtype_policy, name="patch_embedding"
+            )
+            self.patch_embedding.build(shape)
+            shape = tuple(self.patch_embedding.compute_output_shape(shape))
+        else:
+            self.projection = keras.layers.Dense(
+                self.dim, dtype=self.dtype_policy, name="projection"
+            )
+            self.projection.build(shape)
+            shape = shape[:-1] + (self.dim,)
+        if shape[1] is not None and shape[1] > self.max_length:
+            what = "patches" if kind == "image" else "steps"
+            raise ValueError(
+                f"Transformer branch '{self.name}' got more {what} than its position table "
+                f"holds. Received: length={shape[1]}, max_length={self.max_length}"
+            )
+        self.position_embedding.build(shape)
+        self.embedding_dropout.build(shape)
+        if self.pooling == "cls":
+            self.cls_token = self.add_weight(
+                shape=(self.dim,), initializer="zeros", name="cls_token"
+            )
+            shape = (shape[0], None if shape[1] is None else shape[1] + 1, self.dim)
+        for block in self.blocks:
+            block.build(shape)
+        if self.final_norm is not None:
+            self.final_norm.build(shape)
+
+    def _call_body(self, x, mask, kind, training):
+        x = ops.cast(x, self.compute_dtype)
+        if kind == "image":
+            x = self.patch_embedding(x)
+            mask = None
+        else:
+            x = self.projection(x)
+        x = self.position_embedding(x)
+        x = self.embedding_dropout(x, training=training)
+        if mask is not None:
+            mask = ops.cast(mask, "bool")
+        if self.pooling == "cls":
+            cls = ops.zeros_like(x[:, :1, :]) + ops.cast(self.cls_token, x.dtype)
+            x = ops.concatenate([cls, x], axis=1)
+            if mask is not None:
+                mask = ops.concatenate([ops.ones_like(mask[:, :1]), mask], axis=1)
+        for block in self.blocks:
+            x = block(x, padding_mask=mask, training=training)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.pooling == "cls":
+            return x[:, 0, :], None
+        if mask is not None:
+            x = x * ops.expand_dims(ops.cast(mask, x.dtype), -1)
+        return x, mask
+
+    def _body_output_shape(self, kind, shape):
+        shape = tuple(shape)
+        if self.pooling == "cls":
+            return (shape[0], self.dim)
+        return (shape[0], self._token_count(kind, shape), self.dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "dim": self.dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "intermediate_dim": self.intermediate_dim,
+            "dropout": self.dropout,
+            "max_length": self.max_length,
+            "patch_size": self.patch_size,
+            "norm_first": self.norm_first,
+        }

@@ -1,0 +1,234 @@
+import keras
+from keras import ops
+
+from kfusion.layers import _utils
+
+
+class _Float32SoftmaxAttention(keras.layers.MultiHeadAttention):
+    """`MultiHeadAttention` whose scores and softmax are computed in float32.
+
+    Overrides `_compute_attention`, the hook keras documents for custom
+    attention. Query and key are cast to float32 before their dot product, the
+    mask is applied and the softmax taken in float32, and the probabilities
+    are cast back to the value's dtype (the compute dtype) for the weighted
+    sum. Masked positions get probability 0, so a fully masked row (a padded
+    query) gives a zero attention output instead of NaN or a uniform average.
+    Private: it is created by `TransformerBlock` and never serialized alone.
+    """
+
+    def _compute_attention(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        training=None,
+        return_attention_scores=False,
+        **kwargs,
+    ):
+        query = ops.cast(query, "float32") * self._inverse_sqrt_key_dim
+        scores = ops.einsum(self._dot_product_equation, ops.cast(key, "float32"), query)
+        if attention_mask is not None:
+            attention_mask = ops.cast(attention_mask, "bool")
+            expand_axis = -len(self._attention_axes) * 2 - 1
+            for _ in range(len(scores.shape) - len(attention_mask.shape)):
+                attention_mask = ops.expand_dims(attention_mask, axis=expand_axis)
+            scores = ops.where(attention_mask, scores, -1e9)
+        if scores.shape[-1] == 1:
+            # One key (T = 1): the softmax is 1 (keras would warn about a size-1 softmax).
+            probs = ops.ones_like(scores)
+        else:
+            probs = _utils.softmax_float32(scores, axis=-1)
+        if attention_mask is not None:
+            probs = ops.where(attention_mask, probs, 0.0)
+        dropped = probs
+        if self._dropout > 0.0:
+            dropped = self._dropout_layer(probs, training=training)
+        output = ops.einsum(self._combine_equation, ops.cast(dropped, value.dtype), value)
+        return output, probs
+
+
+@keras.saving.register_keras_serializable(package="kfusion")
+class TransformerBlock(keras.layers.Layer):
+    """A Transformer encoder block: self-attention and feed-forward, with residuals.
+
+    The encoder layer of Vaswani et al. 2017, *Attention Is All You Need*,
+    in the pre-norm arrangement of Xiong et al. 2020, *On Layer
+    Normalization in the Transformer Architecture* (`norm_first=True`) or the
+    original post-norm one (`norm_first=False`):
+
+        pre-norm:   x = x + drop(MHA(LN(x), mask))
+                    x = x + drop(W_2 act(W_1 LN(x) + b_1) + b_2)
+        post-norm:  x = LN(x + drop(MHA(x, mask)))
+                    x = LN(x + drop(W_2 act(W_1 x + b_1) + b_2))
+
+    with `MHA(q)_i = W_o concat_h(sum_j softmax_j(q_i^h . k_j^h / sqrt(key_dim)) v_j^h)`.
+    Padded keys are never attended, so the outputs at real positions do not
+    depend on how much padding follows them. The same `dropout` rate is used
+    on the attention probabilities and on both sub-layer outputs. A pre-norm
+    stack usually ends with one more `LayerNormalization`.
+
+    Under mixed precision the attention scores, the softmax and the layer
+    normalisation statistics are computed in float32; the output is in the
+    policy's compute dtype.
+
+    Args:
+        num_heads: int >= 1. Number of attention heads.
+        intermediate_dim: int >= 1. Width of the feed-forward hidden layer.
+        key_dim: int >= 1 or None. Size of each head's query/key/value.
+            Defaults to `d // num_heads` (`d` is the input width).
+        dropout: float in [0, 1). Dropout rate (attention probabilities,
+            attention output, feed-forward output).
+        activation: activation of the feed-forward hidden layer (name or
+            callable). Defaults to `"gelu"`.
+        norm_first: bool. `True` for pre-norm (Xiong et al. 2020), `False`
+            for post-norm (Vaswani et al. 2017).
+        layer_norm_epsilon: float > 0. Epsilon of both layer normalisations.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: a tensor of shape `(batch, T, d)`; `T` may be unknown.
+        padding_mask: optional bool or int tensor of shape `(batch, T)`, 1
+            (True) for real tokens and 0 for padding. When None, the keras
+            mask of `inputs` is used, if any.
+        training: bool, whether dropout is active.
+        mask: the keras mask of `inputs` (passed by keras).
+
+    Returns:
+        A tensor of shape `(batch, T, d)`. The input mask is passed on.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import kfusion as kf
+    >>> x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
+    >>> block = kf.layers.TransformerBlock(num_heads=2, intermediate_dim=16)
+    >>> tuple(block(x).shape)
+    (2, 5, 8)
+    >>> padding_mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    >>> tuple(block(x, padding_mask=padding_mask).shape)
+    (2, 5, 8)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        intermediate_dim,
+        key_dim=None,
+        dropout=0.0,
+        activation="gelu",
+        norm_first=True,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        num_heads = _utils.check_int("num_heads", num_heads)
+        intermediate_dim = _utils.check_int("intermediate_dim", intermediate_dim)
+        key_dim = _utils.check_int("key_dim", key_dim, allow_none=True)
+        dropout = _utils.check_rate("dropout", dropout)
+        activation = _utils.check_activation("activation", activation)
+        norm_first = _utils.check_bool("norm_first", norm_first)
+        layer_norm_epsilon = _utils.check_positive_float("layer_norm_epsilon", layer_norm_epsilon)
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.key_dim = key_dim
+        self.dropout = dropout
+        self.activation = activation
+        self.norm_first = norm_first
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.supports_masking = True
+
+        self.attention_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
+        )
+        self.attention_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="attention_dropout"
+        )
+        self.feedforward_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="feedforward_norm"
+        )
+        self.intermediate_dense = keras.layers.Dense(
+            self.intermediate_dim,
+            activation=self.activation,
+            dtype=self.dtype_policy,
+            name="intermediate_dense",
+        )
+        self.feedforward_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="feedforward_dropout"
+        )
+        # The attention and the feed-forward output projection need the input
+        # width `d` (and the default key_dim = d // num_heads), so `build`
+        # creates them.
+        self.attention = None
+        self.output_dense = None
+
+    def build(self, input_shape):
+        name = self.__class__.__name__
+        input_shape = tuple(input_shape)
+        _utils.check_ranks([input_shape], name, {3})
+        dim = input_shape[-1]
+        key_dim = self.key_dim if self.key_dim is not None else dim // self.num_heads
+        if key_dim < 1:
+            raise ValueError(
+                f"{name} with key_dim=None needs an input width d >= num_heads "
+                f"(key_dim = d // num_heads). Received: d={dim}, num_heads={self.num_heads}"
+            )
+        self.attention = _Float32SoftmaxAttention(
+            num_heads=self.num_heads,
+            key_dim=key_dim,
+            dropout=self.dropout,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.output_dense = keras.layers.Dense(dim, dtype=self.dtype_policy, name="output_dense")
+        self.attention_norm.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.attention_dropout.build(input_shape)
+        self.feedforward_norm.build(input_shape)
+        self.intermediate_dense.build(input_shape)
+        self.output_dense.build(input_shape[:-1] + (self.intermediate_dim,))
+        self.feedforward_dropout.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, padding_mask=None, training=None, mask=None):
+        if padding_mask is None:
+            padding_mask = mask
+        attention_mask = None
+        if padding_mask is not None:
+            keys = ops.cast(padding_mask, "bool")
+            # (batch, T, S): every query may attend every real key, never a padded one.
+            attention_mask = ops.logical_and(
+                ops.expand_dims(keys, 1), ops.expand_dims(ops.ones_like(keys), 2)
+            )
+
+        x = inputs
+        h = self.attention_norm(x) if self.norm_first else x
+        h = self.attention(h, h, attention_mask=attention_mask, training=training)
+        x = x + self.attention_dropout(h, training=training)
+        if not self.norm_first:
+            x = self.attention_norm(x)
+
+        h = self.feedforward_norm(x) if self.norm_first else x
+        h = self.output_dense(self.intermediate_dense(h))
+        x = x + self.feedforward_dropout(h, training=training)
+        if not self.norm_first:
+            x = self.feedforward_norm(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "intermediate_dim": self.intermediate_dim,
+            "key_dim": self.key_dim,
+            "dropout": self.dropout,
+            "activation": _utils.serialize_activation(self.activation),
+            "norm_first": self.norm_first,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+        }

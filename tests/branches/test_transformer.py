@@ -1,0 +1,356 @@
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from kfusion.branches import Transformer
+from kfusion.layers import PatchEmbedding, PositionEmbedding, TransformerBlock
+from tests import helpers
+from tests.branches import branch_checks
+from tests.conftest import requires_tensorflow
+from tests.layers.test_patch_embedding import numpy_patches
+from tests.layers.test_transformer_block import _layer_norm, numpy_block
+
+VOCAB = 20
+LENGTHS = [5, 3, 6, 1]  # uneven rows, every one padded (T = 8)
+POOLINGS = ["cls", "mean", "max", "last", None]
+
+
+@pytest.fixture
+def ids(rng):
+    return branch_checks.padded_token_ids(rng, LENGTHS, total=8, vocab_size=VOCAB)
+
+
+@pytest.fixture
+def seq(rng):
+    return rng.normal(size=(4, 7, 3)).astype("float32")
+
+
+@pytest.fixture
+def images(rng):
+    return rng.normal(size=(4, 8, 12, 2)).astype("float32")
+
+
+@pytest.fixture
+def inputs_by_kind(ids, seq, images):
+    return {"tokens": ids, "sequence": seq, "image": images}
+
+
+def make(kind, **kwargs):
+    kwargs.setdefault("dim", 8)
+    kwargs.setdefault("depth", 1)
+    kwargs.setdefault("num_heads", 2)
+    kwargs.setdefault("max_length", 16)
+    if kind == "tokens":
+        kwargs.setdefault("vocab_size", VOCAB)
+        kwargs.setdefault("embedding_dim", 5)
+    return Transformer(**kwargs)
+
+
+def _randomize_cls(branch, rng):
+    """The CLS token starts at zero; give it values so the formula checks see it."""
+    branch.cls_token.assign(rng.normal(size=(branch.dim,)).astype("float32"))
+
+
+# ----------------------------------------------------------------------------- NumPy reference
+def numpy_encoder(branch, z, mask=None):
+    """Position table, optional CLS, the blocks, the final norm: the branch after its stem."""
+    table = helpers.as_numpy(branch.position_embedding.embeddings)
+    z = z + table[None, : z.shape[1]]
+    if branch.pooling == "cls":
+        cls = np.broadcast_to(helpers.as_numpy(branch.cls_token), (len(z), 1, branch.dim))
+        z = np.concatenate([cls, z], axis=1)
+        if mask is not None:
+            mask = np.concatenate([np.ones((len(z), 1), bool), mask], axis=1)
+    for block in branch.blocks:
+        z = numpy_block(z, block, "gelu", branch.norm_first, padding_mask=mask)
+    if branch.norm_first:
+        z = _layer_norm(z, branch.final_norm, 1e-6)
+    return z, mask
+
+
+# ----------------------------------------------------------------------------- config, names
+def test_config_roundtrip():
+    branch = Transformer(
+        dim=12,
+        depth=3,
+        num_heads=3,
+        intermediate_dim=20,
+        dropout=0.1,
+        max_length=40,
+        patch_size=(2, 3),
+        vocab_size=50,
+        embedding_dim=4,
+        pooling="cls",
+        output_dim=5,
+        norm_first=False,
+    )
+    clone = helpers.check_config_roundtrip(branch)
+    assert clone.patch_size == (2, 3) and clone.depth == 3 and not clone.norm_first
+    assert clone.intermediate_dim == 20 and len(clone.blocks) == 3
+    default = helpers.check_config_roundtrip(Transformer())
+    assert default.get_config()["intermediate_dim"] is None
+    assert default.blocks[0].intermediate_dim == 4 * 64
+
+
+def test_default_names_are_unique():
+    branch_checks.check_default_names(
+        lambda **kw: Transformer(dim=8, num_heads=2, **kw), "transformer_branch"
+    )
+
+
+# ----------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("kind", ["tokens", "sequence", "image"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", None])
+def test_symbolic_matches_eager(inputs_by_kind, kind, pooling):
+    branch = make(kind, pooling=pooling)
+    out = helpers.check_symbolic_matches_eager(branch, inputs_by_kind[kind])
+    steps = {"tokens": 8, "sequence": 7, "image": 2 * 3}[kind]
+    assert tuple(out.shape) == ((4, steps, 8) if pooling is None else (4, 8))
+
+
+def test_output_dim_and_patch_size(images):
+    branch = make("image", pooling=None, patch_size=(2, 4), output_dim=3)
+    out = helpers.check_symbolic_matches_eager(branch, images)
+    assert tuple(out.shape) == (4, 4 * 3, 3)
+
+
+def test_unknown_lengths(rng):
+    branch = make("tokens", pooling="cls")
+    assert tuple(branch(keras.Input((None,), dtype="int32")).shape) == (None, 8)
+    for length in (3, 8):
+        ids = branch_checks.padded_token_ids(rng, [length, 2], total=length, vocab_size=VOCAB)
+        assert tuple(branch(ids).shape) == (2, 8)
+    steps = make("sequence", pooling=None)
+    assert tuple(steps(keras.Input((None, 3))).shape) == (None, None, 8)
+    patches = make("image", pooling=None)
+    assert tuple(patches(keras.Input((None, None, 2))).shape) == (None, None, 8)
+    assert tuple(patches(rng.normal(size=(2, 8, 4, 2)).astype("float32")).shape) == (2, 2, 8)
+
+
+# ----------------------------------------------------------------------------- formula
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_sequences_match_numpy(seq, norm_first):
+    branch = make("sequence", depth=2, pooling="mean", norm_first=norm_first)
+    out = helpers.as_numpy(branch(seq))
+    kernel, bias = branch.projection.get_weights()
+    z, _ = numpy_encoder(branch, seq @ kernel + bias)
+    np.testing.assert_allclose(out, z.mean(axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_padded_token_ids_with_cls_match_numpy(ids, rng):
+    branch = make("tokens", pooling="cls", output_dim=3)
+    branch.build(ids.shape)
+    _randomize_cls(branch, rng)
+    out = helpers.as_numpy(branch(ids))
+    table = helpers.as_numpy(branch.embedding.embeddings)
+    mask = ids != 0
+    embedded = table[ids] * mask[..., None]
+    kernel, bias = branch.projection.get_weights()
+    z, _ = numpy_encoder(branch, embedded @ kernel + bias, mask)
+    w_out, b_out = branch.output_projection.get_weights()
+    np.testing.assert_allclose(out, z[:, 0] @ w_out + b_out, rtol=1e-4, atol=1e-4)
+
+
+def test_images_match_numpy_vit(images):
+    branch = make("image", pooling=None, patch_size=4)
+    out = helpers.as_numpy(branch(images))
+    z, _ = numpy_encoder(branch, numpy_patches(images, branch.patch_embedding))
+    np.testing.assert_allclose(out, z, rtol=1e-4, atol=1e-4)
+    assert branch.compute_mask(images) is None
+
+
+def test_sublayers():
+    branch = make("image", depth=3, pooling="cls")
+    branch.build((None, 8, 8, 3))
+    assert [b.name for b in branch.blocks] == ["block_0", "block_1", "block_2"]
+    assert all(isinstance(b, TransformerBlock) for b in branch.blocks)
+    assert isinstance(branch.patch_embedding, PatchEmbedding) and branch.projection is None
+    assert isinstance(branch.position_embedding, PositionEmbedding)
+    assert all(b.attention.key_dim == 4 for b in branch.blocks)
+
+
+def test_weight_count():
+    dim, heads, inter, vocab, emb, max_length = 8, 2, 32, 10, 4, 16
+    branch = Transformer(
+        dim=dim,
+        depth=2,
+        num_heads=heads,
+        max_length=max_length,
+        vocab_size=vocab,
+        embedding_dim=emb,
+        pooling="cls",
+        output_dim=3,
+    )
+    branch.build((None, 7))
+    key = dim // heads
+    block = (
+        3 * (dim * heads * key + heads * key)
+        + heads * key * dim
+        + dim  # attention
+        + 2 * 2 * dim  # two layer norms
+        + dim * inter
+        + inter
+        + inter * dim
+        + dim  # feed-forward
+    )
+    expected = (
+        vocab * emb  # token embedding
+        + emb * dim
+        + dim  # projection
+        + max_length * dim  # position table
+        + dim  # CLS token
+        + 2 * block
+        + 2 * dim  # final norm
+        + dim * 3
+        + 3  # output projection
+    )
+    assert branch.count_params() == expected
+
+    post = Transformer(dim=8, depth=1, num_heads=2, norm_first=False, patch_size=(2, 3))
+    post.build((None, 8, 9, 3))
+    patch_embedding = 2 * 3 * 3 * dim + dim
+    assert post.count_params() == patch_embedding + 512 * dim + block  # no final norm, no CLS
+    assert post.final_norm is None and post.cls_token is None
+
+
+# ----------------------------------------------------------------------------- padding, masks
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_token_padding_never_changes_the_output(ids, rng, pooling):
+    branch = make("tokens", pooling=pooling, depth=2)
+    if pooling == "cls":
+        branch.build(ids.shape)
+        _randomize_cls(branch, rng)
+    out = branch_checks.check_token_padding_invariance(branch, ids)
+    if pooling is None:  # padded steps of the returned tokens are zero
+        np.testing.assert_array_equal(helpers.as_numpy(out)[ids == 0], 0.0)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last", None])
+def test_token_padding_invariance_post_norm(ids, pooling):
+    branch = make("tokens", pooling=pooling, norm_first=False)
+    branch_checks.check_token_padding_invariance(branch, ids)
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_masked_sequence_padding_never_changes_the_output(rng, pooling):
+    x, mask = branch_checks.padded_sequences(rng, LENGTHS, total=8, features=3)
+    branch = make("sequence", pooling=pooling)
+    branch_checks.check_sequence_padding_invariance(branch, x, mask)
+
+
+def test_masking_layer_padding_never_changes_the_output(rng):
+    x, mask = branch_checks.padded_sequences(rng, LENGTHS, total=8, features=3, garbage=False)
+    branch = make("sequence", pooling="cls")
+    branch_checks.check_masking_layer_invariance(branch, x, mask)
+
+
+def test_pooling_none_returns_tokens_and_mask(ids):
+    branch = make("tokens", pooling=None, output_dim=3)
+    assert tuple(branch(ids).shape) == (4, 8, 3)
+    np.testing.assert_array_equal(helpers.as_numpy(branch.compute_mask(ids)), ids != 0)
+    symbolic = branch(keras.Input((8,), dtype="int32"))
+    assert tuple(symbolic.shape) == (None, 8, 3)
+    assert tuple(symbolic._keras_mask.shape) == (None, 8)
+
+
+def test_pooled_output_has_no_mask(ids):
+    for pooling in ("cls", "mean"):
+        branch = make("tokens", pooling=pooling)
+        branch(ids)
+        assert branch.compute_mask(ids) is None
+
+
+# ----------------------------------------------------------------------------- training, dtypes
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("tokens", {"dropout": 0.1, "pooling": "cls"}),
+        ("sequence", {"norm_first": False, "pooling": "last"}),
+        ("image", {"pooling": "max", "output_dim": 3}),
+    ],
+)
+def test_fit_step(inputs_by_kind, kind, kwargs):
+    helpers.check_fit_step(make(kind, **kwargs), inputs_by_kind[kind])
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("tokens", {"pooling": "cls", "dropout": 0.1}),
+        ("image", {"pooling": None, "output_dim": 3}),
+    ],
+)
+def test_mixed_precision(inputs_by_kind, kind, kwargs, policy):
+    branch, _ = helpers.check_mixed_precision(
+        lambda: make(kind, **kwargs), inputs_by_kind[kind], policy
+    )
+    assert all(
+        block.compute_dtype == keras.DTypePolicy(policy).compute_dtype for block in branch.blocks
+    )
+
+
+@pytest.mark.parametrize("kind, pooling", [("tokens", "cls"), ("image", "mean")])
+def test_save_and_load(inputs_by_kind, kind, pooling, rng, tmp_path):
+    branch = make(kind, depth=2, pooling=pooling, output_dim=3)
+    if pooling == "cls":
+        branch.build(inputs_by_kind[kind].shape)
+        _randomize_cls(branch, rng)
+    loaded = helpers.check_saving(branch, inputs_by_kind[kind], tmp_path)
+    assert isinstance(loaded.layers[-1], Transformer)
+
+
+@requires_tensorflow
+def test_saved_model_export(ids, tmp_path):
+    helpers.check_saved_model(make("tokens", pooling="cls"), ids, tmp_path)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"dim": 0}, "dim"),
+        ({"dim": 2.5}, "dim"),
+        ({"depth": 0}, "depth"),
+        ({"num_heads": 0}, "num_heads"),
+        ({"intermediate_dim": 0}, "intermediate_dim"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"max_length": 0}, "max_length"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"patch_size": (1, 2, 3)}, "patch_size"),
+        ({"pooling": "first"}, "pooling"),
+        ({"output_dim": 0}, "output_dim"),
+        ({"vocab_size": 1}, "vocab_size"),
+        ({"embedding_dim": 0}, "embedding_dim"),
+        ({"norm_first": "yes"}, "norm_first"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=re.escape(f"{name}={kwargs[name]!r}")):
+        Transformer(**kwargs)
+
+
+def test_dim_must_be_a_multiple_of_num_heads():
+    with pytest.raises(ValueError, match=re.escape("dim=10, num_heads=4")):
+        Transformer(dim=10, num_heads=4)
+
+
+def test_bad_inputs(seq, images):
+    with pytest.raises(ValueError, match="cannot take input"):
+        make("sequence")(np.ones((2, 5), "float32"))  # float vectors without vocab_size
+    with pytest.raises(ValueError, match="vocab_size"):
+        make("sequence")(np.ones((2, 5), "int32"))  # token ids without vocab_size
+    with pytest.raises(ValueError, match="cannot take input"):
+        make("sequence")(np.ones((2, 3, 4, 5, 2), "float32"))  # rank 5
+    with pytest.raises(ValueError, match="expects integer token ids"):
+        make("tokens")(np.ones((2, 5), "float32"))
+    with pytest.raises(ValueError, match=re.escape("length=7, max_length=6")):
+        make("sequence", max_length=6)(seq)
+    with pytest.raises(ValueError, match=re.escape("length=6, max_length=5")):
+        make("image", max_length=5)(images)  # 2 x 3 patches
+    with pytest.raises(ValueError, match=re.escape("H=8, W=12")):
+        make("image", patch_size=9)(images)
+    with pytest.raises(ValueError, match="known feature"):
+        make("sequence")(keras.Input((5, None)))

@@ -1,0 +1,311 @@
+import math
+import re
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from kfusion.layers import TransformerBlock
+from tests import helpers
+from tests.conftest import BACKEND, requires_tensorflow
+
+B, T, D = 4, 6, 8
+
+
+@pytest.fixture
+def x(rng):
+    return rng.normal(size=(B, T, D)).astype("float32")
+
+
+def _lengths_mask(lengths, length):
+    return (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype("int32")
+
+
+# --- a NumPy implementation of the block, on the layer's own weights -----------------
+
+
+def _layer_norm(x, norm, eps):
+    gamma, beta = (np.asarray(w) for w in norm.get_weights())
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def _activation(name, x):
+    if name == "relu":
+        return np.maximum(x, 0.0)
+    if name == "gelu":
+        return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    raise AssertionError(name)
+
+
+def _attention(h, layer, padding_mask):
+    wq, bq = layer.attention.query_dense.get_weights()  # (d, heads, k), (heads, k)
+    wk, bk = layer.attention.key_dense.get_weights()
+    wv, bv = layer.attention.value_dense.get_weights()
+    wo, bo = layer.attention.output_dense.get_weights()  # (heads, k, d), (d,)
+    q = np.einsum("btd,dhk->bthk", h, wq) + bq
+    k = np.einsum("bsd,dhk->bshk", h, wk) + bk
+    v = np.einsum("bsd,dhk->bshk", h, wv) + bv
+    scores = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
+    if padding_mask is not None:
+        keys = padding_mask.astype(bool)[:, None, None, :]
+        scores = np.where(keys, scores, -np.inf)
+    scores = scores - scores.max(-1, keepdims=True)
+    probs = np.exp(scores)
+    probs = probs / probs.sum(-1, keepdims=True)
+    context = np.einsum("bhts,bshk->bthk", probs, v)
+    return np.einsum("bthk,hkd->btd", context, wo) + bo
+
+
+def _feedforward(h, layer, activation):
+    w1, b1 = layer.intermediate_dense.get_weights()
+    w2, b2 = layer.output_dense.get_weights()
+    return _activation(activation, h @ w1 + b1) @ w2 + b2
+
+
+def numpy_block(x, layer, activation, norm_first, padding_mask=None, eps=1e-6):
+    x = x.astype("float64")
+    if norm_first:
+        x = x + _attention(_layer_norm(x, layer.attention_norm, eps), layer, padding_mask)
+        return x + _feedforward(_layer_norm(x, layer.feedforward_norm, eps), layer, activation)
+    x = _layer_norm(x + _attention(x, layer, padding_mask), layer.attention_norm, eps)
+    return _layer_norm(x + _feedforward(x, layer, activation), layer.feedforward_norm, eps)
+
+
+# --- tests ---------------------------------------------------------------------------
+
+
+def test_config_roundtrip():
+    layer = TransformerBlock(
+        num_heads=3,
+        intermediate_dim=12,
+        key_dim=5,
+        dropout=0.2,
+        activation="relu",
+        norm_first=False,
+        layer_norm_epsilon=1e-5,
+    )
+    clone = helpers.check_config_roundtrip(layer)
+    assert (clone.num_heads, clone.key_dim, clone.norm_first) == (3, 5, False)
+    default = helpers.check_config_roundtrip(TransformerBlock(2, 16))
+    assert default.get_config()["key_dim"] is None
+
+
+def test_symbolic_matches_eager(x):
+    out = helpers.check_symbolic_matches_eager(TransformerBlock(2, 16), x)
+    assert tuple(out.shape) == (B, T, D)
+
+
+def test_unknown_length(x):
+    inputs = keras.Input((None, D))
+    out = TransformerBlock(2, 16)(inputs)
+    assert tuple(out.shape) == (None, None, D)
+    model = keras.Model(inputs, out)
+    assert tuple(model(x).shape) == (B, T, D)
+    assert tuple(model(x[:, :3]).shape) == (B, 3, D)
+
+
+@pytest.mark.parametrize(
+    "num_heads, key_dim, activation, norm_first",
+    [
+        (1, None, "gelu", True),
+        (2, None, "relu", False),
+        (2, 3, "gelu", False),
+        (4, 5, "relu", True),
+    ],
+)
+def test_matches_numpy_formula(x, num_heads, key_dim, activation, norm_first):
+    layer = TransformerBlock(
+        num_heads, 16, key_dim=key_dim, activation=activation, norm_first=norm_first
+    )
+    out = helpers.as_numpy(layer(x))
+    assert layer.attention.key_dim == (key_dim or D // num_heads)
+    expected = numpy_block(x, layer, activation, norm_first)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_matches_numpy_formula_with_padding_mask(x, norm_first):
+    layer = TransformerBlock(2, 16, norm_first=norm_first)
+    padding_mask = _lengths_mask([6, 4, 2, 1], T)
+    out = helpers.as_numpy(layer(x, padding_mask=padding_mask))
+    expected = numpy_block(x, layer, "gelu", norm_first, padding_mask)
+    valid = padding_mask.astype(bool)
+    np.testing.assert_allclose(out[valid], expected[valid], rtol=1e-4, atol=1e-4)
+    assert np.all(np.isfinite(out))
+
+
+def test_single_step_sequence(x):
+    """T = 1 attends only itself (softmax over one key is 1), without keras' size-1 warning."""
+    layer = TransformerBlock(2, 16)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="You are using a softmax")
+        out = helpers.as_numpy(layer(x[:, :1]))
+    np.testing.assert_allclose(out, numpy_block(x[:, :1], layer, "gelu", True), atol=1e-4)
+
+
+def test_weight_count():
+    d, heads, k, inter = D, 2, 3, 16
+    layer = TransformerBlock(heads, inter, key_dim=k)
+    layer.build((None, None, d))
+    attention = 3 * (d * heads * k + heads * k) + heads * k * d + d
+    norms = 2 * 2 * d
+    feedforward = d * inter + inter + inter * d + d
+    assert layer.count_params() == attention + norms + feedforward
+    assert len(layer.weights) == 8 + 4 + 4
+
+
+def test_fit_step(x):
+    helpers.check_fit_step(TransformerBlock(2, 16, dropout=0.1), x)
+
+
+def test_fit_step_with_padding_mask_input(x):
+    """Post-norm, the padding mask as a model input, trained with XLA where offered."""
+    tokens = keras.Input((None, D))
+    padding = keras.Input((None,), dtype="int32")
+    layer = TransformerBlock(2, 16, dropout=0.1, norm_first=False)
+    h = layer(tokens, padding_mask=padding)
+    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model([tokens, padding], out)
+    model.compile(optimizer="adam", loss="mse", jit_compile=BACKEND != "torch")
+    before = [np.array(w) for w in layer.get_weights()]
+    y = np.ones((B, 1), "float32")
+    history = model.fit([x, _lengths_mask([6, 5, 3, 1], T)], y, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert any(not np.allclose(b, a) for b, a in zip(before, layer.get_weights()))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(x, policy):
+    padding_mask = _lengths_mask([6, 4, 2, 1], T)
+    layer, out = helpers.check_mixed_precision(
+        lambda: TransformerBlock(2, 16, dropout=0.1), x, policy, padding_mask=padding_mask
+    )
+    # The returned attention probabilities are float32 (the softmax ran in float32).
+    keras.config.set_dtype_policy(policy)
+    h = layer.attention_norm(x)
+    _, probs = layer.attention(h, h, return_attention_scores=True)
+    assert keras.backend.standardize_dtype(probs.dtype) == "float32"
+    np.testing.assert_allclose(helpers.as_numpy(probs).sum(-1), 1.0, atol=1e-5)
+
+
+def test_layer_norm_statistics_in_float32_under_mixed_float16(rng):
+    # Squares of values near 1e3 overflow float16 (max 65504); float32 statistics do not.
+    big = (1e3 + 50.0 * rng.normal(size=(B, T, D))).astype("float32")
+    keras.config.set_dtype_policy("mixed_float16")
+    layer = TransformerBlock(2, 16)
+    layer.build(big.shape)
+    normed = helpers.as_numpy(layer.attention_norm(big)).astype("float32")
+    assert normed.dtype == np.float32 and np.all(np.isfinite(normed))
+    expected = _layer_norm(big.astype("float64"), layer.attention_norm, 1e-6)
+    np.testing.assert_allclose(normed, expected, atol=0.05)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_padding_invariance_with_padding_mask(rng, x, norm_first):
+    """Extra right padding (with garbage values) never changes the real positions."""
+    layer = TransformerBlock(2, 16, norm_first=norm_first)
+    unpadded = helpers.as_numpy(layer(x))
+    garbage = 100.0 * rng.normal(size=(B, 3, D)).astype("float32")
+    padded = np.concatenate([x, garbage], axis=1)
+    padding_mask = _lengths_mask([T] * B, T + 3)
+    out = helpers.as_numpy(layer(padded, padding_mask=padding_mask))
+    np.testing.assert_allclose(out[:, :T], unpadded, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_invariance_per_sample_lengths(x):
+    layer = TransformerBlock(2, 16)
+    lengths = [6, 4, 2, 1]
+    out = helpers.as_numpy(layer(x, padding_mask=_lengths_mask(lengths, T)))
+    for i, n in enumerate(lengths):
+        alone = helpers.as_numpy(layer(x[i : i + 1, :n]))
+        np.testing.assert_allclose(out[i, :n], alone[0], rtol=1e-5, atol=1e-5)
+    # Without the mask the padded steps do change the output.
+    unmasked = helpers.as_numpy(layer(x))
+    assert not np.allclose(unmasked[1, :4], out[1, :4], atol=1e-3)
+
+
+def test_keras_mask_is_used_and_passed_through(rng, x):
+    layer = TransformerBlock(2, 16)
+    padded = np.concatenate([x, np.zeros((B, 2, D), "float32")], axis=1)
+    inputs = keras.Input((None, D))
+    masked = keras.layers.Masking(0.0)(inputs)
+    out = layer(masked)
+    model = keras.Model(inputs, out)
+    np.testing.assert_allclose(
+        helpers.as_numpy(model(padded))[:, :T], helpers.as_numpy(layer(x)), rtol=1e-5, atol=1e-5
+    )
+    keras_mask = np.ones((B, T + 2), bool)
+    keras_mask[:, T:] = False
+    eager = helpers.as_numpy(layer(padded, mask=keras_mask))
+    np.testing.assert_allclose(eager[:, :T], helpers.as_numpy(layer(x)), rtol=1e-5, atol=1e-5)
+    assert layer.compute_mask(padded, keras_mask) is keras_mask
+    assert layer.compute_mask(padded, None) is None
+    assert out._keras_mask is not None  # the functional graph carries the mask on
+
+
+def test_padding_mask_takes_precedence_over_keras_mask(x):
+    layer = TransformerBlock(2, 16)
+    padding_mask = _lengths_mask([3] * B, T)
+    everything = np.ones((B, T), bool)
+    with_both = helpers.as_numpy(layer(x, padding_mask=padding_mask, mask=everything))
+    only_padding = helpers.as_numpy(layer(x, padding_mask=padding_mask))
+    np.testing.assert_allclose(with_both, only_padding, rtol=1e-6, atol=1e-6)
+
+
+def test_save_and_load(x, tmp_path):
+    helpers.check_saving(TransformerBlock(2, 16, key_dim=3, norm_first=False), x, tmp_path)
+
+
+def test_save_and_load_with_padding_mask_input(x, tmp_path):
+    tokens = keras.Input((None, D))
+    padding = keras.Input((None,), dtype="int32")
+    out = TransformerBlock(2, 16)(tokens, padding_mask=padding)
+    model = keras.Model([tokens, padding], out)
+    data = [x, _lengths_mask([6, 5, 3, 1], T)]
+    expected = helpers.as_numpy(model.predict(data, verbose=0))
+    path = str(tmp_path / "block.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(
+        helpers.as_numpy(loaded.predict(data, verbose=0)), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+@requires_tensorflow
+def test_saved_model_export(x, tmp_path):
+    helpers.check_saved_model(TransformerBlock(2, 16), x, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"num_heads": 0}, "num_heads"),
+        ({"num_heads": 1.5}, "num_heads"),
+        ({"intermediate_dim": 0}, "intermediate_dim"),
+        ({"intermediate_dim": None}, "intermediate_dim"),
+        ({"key_dim": 0}, "key_dim"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"activation": "no_such_activation"}, "activation"),
+        ({"norm_first": "yes"}, "norm_first"),
+        ({"layer_norm_epsilon": 0.0}, "layer_norm_epsilon"),
+        ({"layer_norm_epsilon": -1e-6}, "layer_norm_epsilon"),
+        ({"layer_norm_epsilon": "small"}, "layer_norm_epsilon"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    arguments = {"num_heads": 2, "intermediate_dim": 16, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(f"{name}={kwargs[name]!r}")):
+        TransformerBlock(**arguments)
+
+
+def test_bad_inputs(x):
+    with pytest.raises(ValueError, match="rank 3"):
+        TransformerBlock(2, 16)(x[:, 0])
+    with pytest.raises(ValueError, match="rank 3"):
+        TransformerBlock(2, 16)(x[:, :, :, None])
+    with pytest.raises(ValueError, match=re.escape("d=2, num_heads=4")):
+        TransformerBlock(4, 16)(x[:, :, :2])
