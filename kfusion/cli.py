@@ -1,0 +1,582 @@
+"""The `kfusion` command: demo, train from a spec, inspect, export.
+
+Errors a user can fix (a missing file, a malformed spec, data that does not match) print one
+line on stderr and exit with code 2, with no traceback and nothing half-written at the
+destination.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+EXIT_USAGE = 2
+TRAIN_KEYS = (
+    "optimizer",
+    "learning_rate",
+    "epochs",
+    "batch_size",
+    "validation_split",
+    "seed",
+    "label",
+    "loss",
+    "metrics",
+)
+
+
+class UserError(Exception):
+    """An error in what the user gave: printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------ helpers
+def _say(args, *parts):
+    if not getattr(args, "quiet", False):
+        print(*parts, flush=True)
+
+
+def _check_writable_dir(path):
+    """Creates `path` (a folder) or raises UserError when it can't be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".kfusion-write-test-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {path!r}: {e.strerror or e}") from None
+
+
+def _atomic_json(data, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------- demo
+DEMO_MODELS = ("cnn", "rnn", "transformer")
+DEMO_FUSIONS = ("concat", "attention", "gated")
+
+
+def _demo_model(kind, seed):
+    import keras
+
+    import kfusion as kf
+
+    keras.utils.set_random_seed(seed)
+    branches = {
+        "cnn": lambda: kf.branches.CNN(filters=(32, 32), kernel_size=3, name="cnn_branch"),
+        "rnn": lambda: kf.branches.RNN(units=32, cell="lstm", name="rnn_branch"),
+        "transformer": lambda: kf.branches.Transformer(
+            dim=32, depth=1, num_heads=4, name="transformer_branch"
+        ),
+    }
+    if kind in branches:
+        chosen, fusion = [branches[kind]()], None
+        name = f"{kind}_only"
+    else:
+        chosen, fusion = [b() for b in branches.values()], kind
+        name = f"fused_{kind}"
+    return kf.FusionModel(
+        inputs=keras.Input((8, 8), name="digits"),
+        branches=chosen,
+        fusion=fusion,
+        head=kf.heads.Classification(10),
+        name=name,
+    )
+
+
+def _macro_f1(y_true, y_pred, num_classes):
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y_true, y_pred, average="macro", labels=list(range(num_classes))))
+
+
+def _plot_curves(histories, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("kfusion: training curves skipped: `pip install matplotlib`", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, hist in histories.items():
+        axes[0].plot(hist["loss"], label=f"{name} train")
+        axes[1].plot(hist.get("val_accuracy", []), label=name)
+    axes[0].set_title("training loss")
+    axes[1].set_title("validation accuracy")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _verify_in_fresh_process(saved_model_dir, x, expected):
+    """Reloads the SavedModel in a new Python process (without kfusion) and compares."""
+    import subprocess
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(os.path.join(tmp, "x.npy"), x)
+        np.save(os.path.join(tmp, "expected.npy"), expected)
+        script = (
+            "import sys; sys.modules['kfusion'] = None\n"
+            "import numpy as np, tensorflow as tf\n"
+            f"m = tf.saved_model.load({saved_model_dir!r})\n"
+            f"x = np.load({os.path.join(tmp, 'x.npy')!r})\n"
+            "out = m.signatures['serving_default'](tf.constant(x))\n"
+            "got = list(out.values())[0].numpy()\n"
+            f"exp = np.load({os.path.join(tmp, 'expected.npy')!r})\n"
+            "print(float(np.max(np.abs(got - exp))))\n"
+        )
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"fresh-process reload failed: {result.stderr.strip()[-500:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def cmd_demo(args):
+    """Trains single-branch and fused models on digits and compares them."""
+    import keras
+    import numpy as np
+
+    from kfusion import export as kexport
+    from kfusion import inspect as kinspect
+    from kfusion.datasets import digits
+
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    fusions = DEMO_FUSIONS if args.fusion == "all" else tuple(args.fusion.split(","))
+    for f in fusions:
+        if f not in ("concat", "weighted", "attention", "gated", "low_rank"):
+            raise UserError(
+                f"--fusion {f!r} is not a vector fusion kind for the demo; use concat, "
+                "weighted, attention, gated or low_rank (comma-separated), or all"
+            )
+    out = os.path.abspath(args.out)
+    _check_writable_dir(out)
+
+    x, y = digits(image=False)
+    split = int(0.8 * len(y))
+    x_train, y_train, x_test, y_test = x[:split], y[:split], x[split:], y[split:]
+    kinds = list(DEMO_MODELS) + list(fusions)
+    rows, histories, best = {}, {}, None
+    total = len(kinds) * args.seeds
+    step = 0
+    for seed in range(args.seeds):
+        for kind in kinds:
+            step += 1
+            model = _demo_model(kind, seed)
+            _say(
+                args,
+                f"[{step}/{total}] {model.name} (seed {seed}, {model.count_params():,} params)",
+            )
+            model.compile(optimizer=keras.optimizers.Adam(3e-3))
+            start = time.perf_counter()
+            history = model.fit(
+                x_train,
+                y_train,
+                validation_data=(x_test, y_test),
+                epochs=args.epochs,
+                batch_size=64,
+                verbose=0 if args.quiet else (1 if sys.stdout.isatty() else 2),
+            )
+            seconds = time.perf_counter() - start
+            pred = model.predict(x_test, verbose=0).argmax(-1)
+            acc = float(np.mean(pred == y_test))
+            row = rows.setdefault(
+                model.name,
+                {"accuracy": [], "macro_f1": [], "seconds": [], "fused": kind in fusions},
+            )
+            row["params"] = int(model.count_params())
+            row["accuracy"].append(acc)
+            row["macro_f1"].append(_macro_f1(y_test, pred, 10))
+            row["seconds"].append(seconds)
+            if seed == 0:
+                histories[model.name] = history.history
+            if kind in fusions and (best is None or acc > best[1]):
+                best = (model, acc)
+
+    summary = {
+        name: {
+            "accuracy": float(np.mean(r["accuracy"])),
+            "accuracy_std": float(np.std(r["accuracy"])),
+            "macro_f1": float(np.mean(r["macro_f1"])),
+            "params": r["params"],
+            "train_seconds": float(np.mean(r["seconds"])),
+            "fused": r["fused"],
+        }
+        for name, r in rows.items()
+    }
+    print()
+    print(
+        f"digits (held-out {len(y_test)} images), {args.epochs} epochs, "
+        f"mean over {args.seeds} seed(s)"
+    )
+    header = f"{'model':<22}{'accuracy':>10}{'macro F1':>10}{'params':>10}{'train s':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, r in summary.items():
+        print(
+            f"{name:<22}{r['accuracy']:>10.4f}{r['macro_f1']:>10.4f}"
+            f"{r['params']:>10,}{r['train_seconds']:>9.1f}"
+        )
+
+    model = best[0]
+    print(f"\nbest fused model: {model.name} (accuracy {best[1]:.4f})")
+    report = {"best": model.name, "epochs": args.epochs, "seeds": args.seeds, "models": summary}
+    if model.fusion_kind in ("attention", "gated", "weighted"):
+        weights = kinspect.branch_weights(model, x_test)
+        print("branch weights (mean over held-out samples):")
+        for label, value in weights["mean"].items():
+            print(f"  {label:<24}{value:.3f}")
+        report["branch_weights"] = weights["mean"]
+    ablation = kinspect.ablation(model, x_test, y_test)
+    print(
+        f"ablation (accuracy drop when a branch's features are replaced by their mean; "
+        f"baseline {ablation['baseline']:.4f}):"
+    )
+    for label, value in ablation["branches"].items():
+        print(f"  {label:<24}{value['drop']:+.4f}")
+    report["ablation"] = ablation
+
+    saved = kexport.export(model, os.path.join(out, "best_saved_model"), probe=x_test[:8])
+    keras_path = kexport.export(
+        model, os.path.join(out, "best.keras"), format="keras", probe=x_test[:8]
+    )
+    arch = kinspect.plot(model, os.path.join(out, "architecture.png"))
+    curves = _plot_curves(histories, os.path.join(out, "training_curves.png"))
+    expected = model.predict(x_test[:64], verbose=0)
+    diff = _verify_in_fresh_process(saved, x_test[:64], expected)
+    if diff > 1e-4:
+        raise RuntimeError(f"SavedModel reloaded in a fresh process differs by {diff:.3g}")
+    print(f"\nSavedModel reloaded in a fresh process: outputs equal (max difference {diff:.1e})")
+    report["files"] = {
+        "saved_model": saved,
+        "keras": keras_path,
+        "architecture": arch,
+        "training_curves": curves,
+    }
+    report["fresh_process_max_difference"] = diff
+    _atomic_json(report, os.path.join(out, "results.json"))
+    written = ["best_saved_model/", "best.keras"]
+    written += ["architecture.png"] if arch else []
+    written += ["training_curves.png"] if curves else []
+    print(f"wrote {out}/: {', '.join(written + ['results.json'])}")
+    return 0
+
+
+# -------------------------------------------------------------------------------- train
+def _load_train_spec(path):
+    from kfusion.models import _spec
+
+    if not os.path.isfile(path):
+        raise UserError(f"spec file not found: {path}")
+    try:
+        spec = _spec.load_spec(path)
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    try:
+        _spec.check_keys(spec, _spec.MODEL_KEYS + TRAIN_KEYS, f"spec {path}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model_spec = {k: v for k, v in spec.items() if k in _spec.MODEL_KEYS}
+    train = {k: v for k, v in spec.items() if k in TRAIN_KEYS}
+    return model_spec, train
+
+
+def _load_data(path, model_spec, label):
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise UserError(f"data file not found: {path}")
+    inputs = model_spec.get("inputs") or {}
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+        if label not in arrays:
+            raise UserError(f"{path} has no label array {label!r} (arrays: {sorted(arrays)})")
+        y = arrays.pop(label)
+        missing = [n for n in inputs if n not in arrays]
+        if missing:
+            raise UserError(f"{path} has no array for input(s) {missing}; arrays: {sorted(arrays)}")
+        x = {n: arrays[n] for n in inputs}
+    elif path.endswith(".csv"):
+        if len(inputs) != 1:
+            raise UserError(
+                "CSV data feeds exactly one (tabular) input; the spec has "
+                f"{len(inputs)}: {sorted(inputs)}"
+            )
+        try:
+            import csv
+
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e}") from None
+        if len(rows) < 2:
+            raise UserError(f"{path} has no data rows")
+        header, body = rows[0], rows[1:]
+        if label not in header:
+            raise UserError(f"{path} has no label column {label!r} (columns: {header})")
+        li = header.index(label)
+        try:
+            table = np.array([[float(v) for v in r] for r in body], dtype="float32")
+        except ValueError as e:
+            raise UserError(f"{path}: non-numeric value ({e})") from None
+        y = table[:, li]
+        name = next(iter(inputs))
+        x = {name: np.delete(table, li, axis=1)}
+        if float(np.abs(y - np.round(y)).max()) == 0.0:
+            y = y.astype("int32")
+    else:
+        raise UserError(f"data must be a .npz or .csv file, got {path}")
+    n = len(y)
+    for name, arr in x.items():
+        want = [None] + list(inputs[name].get("shape", []))
+        got = list(arr.shape)
+        if len(got) != len(want) or any(
+            w is not None and w != g for w, g in zip(want[1:], got[1:])
+        ):
+            raise UserError(
+                f"data for input {name!r} has shape {tuple(got)}; the spec expects {tuple(want)}"
+            )
+        if len(arr) != n:
+            raise UserError(f"data for input {name!r} has {len(arr)} rows; {label!r} has {n}")
+    return x, y
+
+
+class _EpochLog:
+    """Prints one flushed line per finished epoch (so callers can follow progress)."""
+
+    def __new__(cls, quiet):
+        import keras
+
+        class EpochLog(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if not quiet:
+                    parts = " ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()))
+                    print(f"epoch {epoch + 1} done {parts}", flush=True)
+
+        return EpochLog()
+
+
+def cmd_train(args):
+    """Trains a FusionModel described by a spec file on .npz or .csv data."""
+    model_spec, train = _load_train_spec(args.spec)
+    label = train.get("label", "y")
+    x, y = _load_data(args.data, model_spec, label)
+    out = os.path.abspath(args.out)
+    _check_writable_dir(out)
+    backup_dir = os.path.join(out, "backup")
+    if not args.resume and os.path.isdir(backup_dir):
+        shutil.rmtree(backup_dir)
+
+    import keras
+
+    from kfusion import export as kexport
+    from kfusion.models import FusionModel
+
+    seed = int(train.get("seed", 0))
+    keras.utils.set_random_seed(seed)
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    try:
+        model = FusionModel.from_spec(model_spec)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"invalid model spec: {e}") from None
+    opt = train.get("optimizer", "adam")
+    try:
+        optimizer = keras.optimizers.get(opt)
+    except ValueError as e:
+        raise UserError(f"unknown optimizer {opt!r}: {e}") from None
+    if "learning_rate" in train:
+        optimizer.learning_rate = float(train["learning_rate"])
+    compile_kwargs = {k: train[k] for k in ("loss", "metrics") if k in train}
+    model.compile(optimizer=optimizer, **compile_kwargs)
+    epochs = int(train.get("epochs", 10))
+    callbacks = [
+        keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
+        keras.callbacks.ModelCheckpoint(os.path.join(out, "checkpoints", "last.keras")),
+        _EpochLog(args.quiet),
+    ]
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    history = model.fit(
+        x if len(x) > 1 else next(iter(x.values())),
+        y,
+        epochs=epochs,
+        batch_size=int(train.get("batch_size", 32)),
+        validation_split=float(train.get("validation_split", 0.0)),
+        shuffle=False,
+        callbacks=callbacks,
+        verbose=0,
+    )
+    probe = {k: v[:8] for k, v in x.items()}
+    probe = probe if len(probe) > 1 else next(iter(probe.values()))
+    kexport.export(model, os.path.join(out, "model.keras"), format="keras", probe=probe)
+    if keras.config.backend() in ("tensorflow", "jax"):
+        kexport.export(model, os.path.join(out, "saved_model"), probe=probe)
+    metrics = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    _atomic_json({"epochs": epochs, "history": metrics}, os.path.join(out, "metrics.json"))
+    _say(args, f"wrote {out}/: model.keras, saved_model/, checkpoints/, metrics.json")
+    return 0
+
+
+# ------------------------------------------------------------------------ inspect/export
+def _load_any(path):
+    import keras
+
+    if not os.path.exists(path):
+        raise UserError(f"model not found: {path}")
+    if path.endswith(".keras"):
+        try:
+            return keras.saving.load_model(path, safe_mode=True), "keras"
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say so in one line
+            raise UserError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
+        import tensorflow as tf
+
+        return tf.saved_model.load(path), "saved_model"
+    raise UserError(f"{path} is neither a .keras file nor a SavedModel folder")
+
+
+def cmd_inspect(args):
+    """Prints a saved model's inputs, outputs, branches, fusion and parameter counts."""
+    model, kind = _load_any(args.path)
+    print(f"{args.path} ({kind})")
+    if kind == "saved_model":
+        sig = model.signatures["serving_default"]
+        print("signature: serving_default")
+        for name, spec in sig.structured_input_signature[1].items():
+            print(f"  input  {name}: shape {tuple(spec.shape)} {spec.dtype.name}")
+        for name, spec in sig.structured_outputs.items():
+            print(f"  output {name}: shape {tuple(spec.shape)} {spec.dtype.name}")
+        params = sum(int(v.shape.num_elements()) for v in model.variables)
+        print(f"parameters: {params:,}")
+        return 0
+    import keras
+
+    for t in keras.tree.flatten(model.inputs):
+        print(f"  input  {t.name}: shape {tuple(t.shape)} {t.dtype}")
+    for t in keras.tree.flatten(model.outputs):
+        print(f"  output: shape {tuple(t.shape)} {t.dtype}")
+    if hasattr(model, "branch_layers"):
+        print(f"fusion: {model.fusion_kind or 'none (single branch)'}")
+        print("branches:")
+        for input_name, names in model.branch_map.items():
+            for name in names:
+                layer = next(b for b in model.branch_layers if b.name == name)
+                print(
+                    f"  {input_name} -> {name} ({type(layer).__name__}, "
+                    f"{layer.count_params():,} params)"
+                )
+        if model.fusion_layer is not None:
+            print(
+                f"fusion layer: {model.fusion_layer.name} "
+                f"({model.fusion_layer.count_params():,} params)"
+            )
+        if model.head is not None:
+            print(f"head: {type(model.head).__name__} ({model.head.count_params():,} params)")
+    print(f"parameters: {model.count_params():,} (trainable {_trainable(model):,})")
+    return 0
+
+
+def _trainable(model):
+    import numpy as np
+
+    return int(sum(np.prod(v.shape) for v in model.trainable_weights))
+
+
+def cmd_export(args):
+    """Exports a .keras model to saved_model, onnx, litert or keras."""
+    from kfusion import export as kexport
+
+    model, kind = _load_any(args.model)
+    if kind != "keras":
+        raise UserError("export reads a .keras model file")
+    parent = os.path.dirname(os.path.abspath(args.out)) or "."
+    _check_writable_dir(parent)
+    path = kexport.export(model, args.out, format=args.format)
+    print(f"wrote {path} ({args.format}, verified by reloading)")
+    return 0
+
+
+# --------------------------------------------------------------------------------- main
+def build_parser():
+    """The argument parser of the `kfusion` command."""
+    parser = argparse.ArgumentParser(
+        prog="kfusion", description="Multi-branch deep learning models for Keras 3."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train CNN/RNN/Transformer and fused models on digits")
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--seeds", type=int, default=1)
+    demo.add_argument(
+        "--fusion",
+        default="all",
+        help="fusion kinds to compare, comma-separated (default: concat,attention,gated)",
+    )
+    demo.add_argument("--out", default="kfusion-demo")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train a FusionModel described by a YAML/JSON spec")
+    train.add_argument("spec")
+    train.add_argument("--data", required=True, help=".npz (arrays named after inputs + y) or .csv")
+    train.add_argument("--out", default="kfusion-run")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    insp = sub.add_parser("inspect", help="describe a saved .keras model or SavedModel")
+    insp.add_argument("path")
+    insp.set_defaults(func=cmd_inspect)
+
+    exp = sub.add_parser("export", help="export a .keras model")
+    exp.add_argument("model")
+    exp.add_argument("--format", required=True, choices=["saved_model", "onnx", "litert", "keras"])
+    exp.add_argument("--out", required=True)
+    exp.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv=None):
+    """Entry point of the `kfusion` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"kfusion {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"kfusion {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Look inside a FusionModel: architecture plots, branch weights, branch ablation."""
+
+import sys
+
+import keras
+import numpy as np
+
+GRAPHVIZ_HINT = (
+    "kfusion: architecture plot skipped: it needs pydot and Graphviz "
+    "(`pip install pydot` and `apt-get install graphviz`, or `brew install graphviz`)."
+)
+
+
+def plot(model, path, show_shapes=True, dpi=96, **kwargs):
+    """Draws `model` (inputs -> branches -> fusion -> head) to an image file.
+
+    Uses `keras.utils.plot_model`. When pydot or Graphviz is missing, prints one line
+    saying how to get them and returns None instead of failing.
+
+    Args:
+        model: a keras Model.
+        path: the image path (`.png`, `.svg`, `.pdf`).
+        show_shapes: bool, whether to show the tensor shapes.
+        dpi: int, resolution of raster images.
+        **kwargs: more `keras.utils.plot_model` arguments.
+
+    Returns:
+        The path written, or None when the plotting tools are missing.
+
+    Example:
+
+    >>> import keras, tempfile, os
+    >>> from kfusion import inspect
+    >>> i = keras.Input((3,), name="x")
+    >>> model = keras.Model(i, keras.layers.Dense(1)(i))
+    >>> out = inspect.plot(model, os.path.join(tempfile.mkdtemp(), "m.png"))
+    """
+    try:
+        keras.utils.plot_model(
+            model,
+            to_file=str(path),
+            show_shapes=show_shapes,
+            show_layer_names=True,
+            dpi=dpi,
+            **kwargs,
+        )
+    except ImportError:
+        print(GRAPHVIZ_HINT, file=sys.stderr)
+        return None
+    except OSError as e:  # pydot present, the `dot` program missing
+        if "dot" not in str(e).lower():
+            raise
+        print(GRAPHVIZ_HINT, file=sys.stderr)
+        return None
+    return str(path)
+
+
+WEIGHTED_FUSIONS = ("AttentionFusion", "GatedFusion", "WeightedSumFusion")
+
+
+def branch_labels(model):
+    """Readable labels of a FusionModel's branch features, in the fusion layer's order.
+
+    A branch listed under several inputs appears once per input, as `input/branch`.
+
+    Args:
+        model: a FusionModel.
+
+    Returns:
+        A list of strings.
+    """
+    several = len(model.branch_map) > 1
+    return [
+        f"{input_name}/{branch}" if several else branch
+        for input_name, branches in model.branch_map.items()
+        for branch in branches
+    ]
+
+
+def _require_fusion_model(model, what):
+    if not hasattr(model, "branch_map") or getattr(model, "fusion_layer", None) is None:
+        raise ValueError(
+            f"{what} needs a FusionModel with two or more branches. Received: model={model!r}"
+        )
+
+
+def branch_weights(model, x, batch_size=256):
+    """Per-sample weight of each branch, read from the fusion layer.
+
+    For `AttentionFusion` these are the attention weights a_m; for `GatedFusion` the
+    gates z_m averaged over features; for `WeightedSumFusion` the learned mixture
+    weights. Each row sums to 1 over branches. Other fusion kinds hold no such weights:
+    use `ablation`, which works for every fusion kind.
+
+    Args:
+        model: a FusionModel with attention, gated or weighted fusion.
+        x: its inputs (an array or a dict of arrays).
+        batch_size: int, prediction batch size.
+
+    Returns:
+        A dict: `"branches"` (labels), `"per_sample"` (array `(n, M)`) and `"mean"`
+        (dict label -> mean weight).
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> import kfusion as kf
+    >>> model = kf.FusionModel(
+    ...     inputs=keras.Input((6,)),
+    ...     branches=[kf.branches.MLP(units=(4,)), kf.branches.MLP(units=(4,))],
+    ...     fusion="attention",
+    ... )
+    >>> w = kf.inspect.branch_weights(model, np.ones((3, 6), "float32"))
+    >>> w["per_sample"].shape
+    (3, 2)
+    """
+    _require_fusion_model(model, "branch_weights")
+    fusion = model.fusion_layer
+    kind = type(fusion).__name__
+    if kind not in WEIGHTED_FUSIONS:
+        raise ValueError(
+            f"branch_weights reads attention, gated or weighted fusion; this model uses "
+            f"{kind}. Use kfusion.inspect.ablation(model, x, y), which works for every "
+            "fusion kind."
+        )
+    features = model.branch_features()
+    feats = features.predict(x, batch_size=batch_size, verbose=0)
+    weights = []
+    for start in range(0, len(feats[0]), batch_size):
+        chunk = [f[start : start + batch_size] for f in feats]
+        _, w = fusion(chunk, training=False, return_weights=True)
+        w = np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(w, "float32")))
+        if w.ndim == 3:  # gates (batch, M, units): mean over features
+            w = w.mean(axis=-1)
+        weights.append(w)
+    per_sample = np.concatenate(weights, axis=0)
+    labels = branch_labels(model)
+    return {
+        "branches": labels,
+        "per_sample": per_sample,
+        "mean": {label: float(v) for label, v in zip(labels, per_sample.mean(axis=0))},
+    }
+
+
+def _score(head, y_true, y_pred):
+    """Accuracy for classification heads, negative MSE for the rest (higher is better)."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred, dtype="float64")
+    kind = type(head).__name__ if head is not None else ""
+    if kind == "Classification":
+        if y_pred.shape[-1] == 1:
+            pred = (y_pred[:, 0] > (0.0 if head.from_logits else 0.5)).astype(int)
+        else:
+            pred = y_pred.argmax(-1)
+        return "accuracy", float(np.mean(pred == y_true.reshape(-1).astype(int)))
+    if kind == "MultiLabel":
+        cut = 0.0 if getattr(head, "from_logits", False) else head.threshold
+        return "binary_accuracy", float(np.mean((y_pred > cut) == (y_true > 0.5)))
+    return "neg_mse", -float(np.mean((y_pred - y_true.reshape(y_pred.shape)) ** 2))
+
+
+def ablation(model, x, y, batch_size=256):
+    """How much each branch matters: the score drop when its features are mean-replaced.
+
+    Replacing one branch's features by their dataset mean removes what that branch says
+    about each sample while keeping the fusion layer's input in its usual range
+    (mean ablation). A large drop means the model relies on that branch.
+    Works for every fusion kind; token-level features keep their padding masks.
+    Scores: accuracy for `Classification`, binary accuracy for `MultiLabel`, negative MSE
+    otherwise (higher is better in each case).
+
+    Args:
+        model: a FusionModel with two or more branches and a single-output head.
+        x: inputs (an array or a dict of arrays).
+        y: targets.
+        batch_size: int.
+
+    Returns:
+        A dict: `"metric"`, `"baseline"` (score of the intact model) and `"branches"`
+        (label -> `{"score", "drop"}`).
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> import kfusion as kf
+    >>> model = kf.FusionModel(
+    ...     inputs=keras.Input((6,)),
+    ...     branches=[kf.branches.MLP(units=(4,)), kf.branches.MLP(units=(4,))],
+    ...     head=kf.heads.Classification(2),
+    ... )
+    >>> x = np.random.normal(size=(8, 6)).astype("float32")
+    >>> report = kf.inspect.ablation(model, x, np.arange(8) % 2)
+    >>> sorted(report["branches"])
+    ['mlp_branch', 'mlp_branch_1']
+    """
+    _require_fusion_model(model, "ablation")
+    head = model.head
+    if head is not None and hasattr(head, "heads"):
+        raise ValueError("ablation scores one output; this model has a MultiTask head.")
+    feats = model.branch_features().predict(x, batch_size=batch_size, verbose=0)
+    masks = _feature_masks(model, x, feats)
+
+    def predict(features):
+        outs = []
+        for start in range(0, len(features[0]), batch_size):
+            chunk = [f[start : start + batch_size] for f in features]
+            mchunk = [None if m is None else m[start : start + batch_size] for m in masks]
+            fused = model.fusion_layer(
+                chunk, training=False, mask=mchunk if any(m is not None for m in mchunk) else None
+            )
+            out = head(fused, training=False) if head is not None else fused
+            outs.append(np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))))
+        return np.concatenate(outs, axis=0)
+
+    metric, baseline = _score(head, y, predict(feats))
+    report = {"metric": metric, "baseline": baseline, "branches": {}}
+    for i, label in enumerate(branch_labels(model)):
+        ablated = list(feats)
+        ablated[i] = _mean_features(feats[i], masks[i])
+        _, score = _score(head, y, predict(ablated))
+        report["branches"][label] = {"score": score, "drop": baseline - score}
+    return report
+
+
+def _mean_features(feature, mask):
+    if feature.ndim == 2:
+        return np.broadcast_to(feature.mean(axis=0), feature.shape).copy()
+    if mask is None:
+        mean = feature.mean(axis=(0, 1))
+    else:
+        mean = feature[mask.astype(bool)].mean(axis=0)
+    return np.broadcast_to(mean, feature.shape).copy()
+
+
+def _feature_masks(model, x, feats):
+    """Padding masks of token-level branch features (None for vectors)."""
+    masks = []
+    for input_name, branches in model.branch_map.items():
+        data = x[input_name] if isinstance(x, dict) else x
+        for name in branches:
+            layer = next(b for b in model.branch_layers if b.name == name)
+            mask = None
+            if feats[len(masks)].ndim == 3:
+                m = layer.compute_mask(keras.ops.convert_to_tensor(data), None)
+                if m is not None:
+                    mask = np.asarray(keras.ops.convert_to_numpy(m))
+            masks.append(mask)
+    return masks

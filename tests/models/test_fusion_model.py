@@ -1,0 +1,340 @@
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import kfusion as kf
+from kfusion.datasets import multimodal_classification, sequence_classification
+from tests import helpers
+
+FUSIONS = ["concat", "weighted", "attention", "gated", "cross_attention", "low_rank", "film"]
+
+
+def _sequence_branches(fusion):
+    pooling = None if fusion == "cross_attention" else "mean"
+    branches = [
+        kf.branches.CNN(filters=(16,), kernel_size=3, pooling=pooling),
+        kf.branches.RNN(units=16, pooling=pooling if pooling else None),
+        kf.branches.Transformer(dim=16, depth=1, num_heads=2, pooling=pooling),
+    ]
+    if fusion == "film":
+        # FiLM: one branch conditions another (the Transformer conditions the CNN).
+        return [branches[0], branches[2]]
+    return branches
+
+
+def _sequence_model(fusion):
+    return kf.FusionModel(
+        inputs=keras.Input((16, 4), name="signal"),
+        branches=_sequence_branches(fusion),
+        fusion=fusion,
+        head=kf.heads.Classification(3),
+    )
+
+
+def _multimodal_branches(fusion):
+    pooling = None if fusion == "cross_attention" else "mean"
+    branches = {
+        "image": [kf.branches.CNN(filters=(8, 8), image_pooling=2, pooling=pooling)],
+        "text": [
+            kf.branches.Transformer(
+                dim=16, depth=1, num_heads=2, vocab_size=20, embedding_dim=16, pooling=pooling
+            )
+        ],
+        "tabular": [kf.branches.MLP(units=(16,))],
+    }
+    if fusion == "film":
+        # FiLM takes two inputs: the table conditions the image features.
+        branches["image"][0] = kf.branches.CNN(filters=(8, 8), output_dim=16)
+        branches["text"] = [kf.branches.RNN(units=8, vocab_size=20, embedding_dim=8)]
+        return branches, ["image", "tabular"]
+    return branches, ["image", "text", "tabular"]
+
+
+def _multimodal_model(fusion):
+    branches, used = _multimodal_branches(fusion)
+    inputs = {
+        "image": keras.Input((8, 8, 1), name="image"),
+        "text": keras.Input((None,), dtype="int32", name="text"),
+        "tabular": keras.Input((5,), name="tabular"),
+    }
+    if fusion == "film":
+        inputs = {k: inputs[k] for k in used}
+        branches = {k: branches[k] for k in used}
+    return (
+        kf.FusionModel(inputs=inputs, branches=branches, fusion=fusion, head=kf.heads.Classification(2)),
+        used,
+    )
+
+
+def _accuracy(model, x, y):
+    pred = model.predict(x, verbose=0)
+    if pred.shape[-1] == 1:
+        return float(np.mean((pred[:, 0] > 0.5) == y))
+    return float(np.mean(np.argmax(pred, -1) == y))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_shared_input_trains_above_chance(fusion):
+    x, y = sequence_classification(n=300, length=16, features=4, seed=1)
+    model = _sequence_model(fusion)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(x[:240], y[:240], epochs=8, batch_size=32, verbose=0)
+    # Chance is 1/3 on three balanced classes; fused models reach 0.8-1.0 here.
+    assert _accuracy(model, x[240:], y[240:]) >= 0.7
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_several_inputs_train_above_chance(fusion):
+    model, used = _multimodal_model(fusion)
+    x, y = multimodal_classification(n=400, seed=2, label_from=used)
+    x = {k: x[k] for k in used}
+    train = {k: v[:320] for k, v in x.items()}
+    test = {k: v[320:] for k, v in x.items()}
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(train, y[:320], epochs=12, batch_size=32, verbose=0)
+    # Chance is 1/2. The label sums one score per modality used: reading one modality
+    # alone gives at most ~0.70 (three modalities) or ~0.75 (FiLM's two), so passing
+    # needs information from several branches.
+    assert _accuracy(model, test, y[320:]) >= (0.85 if fusion == "film" else 0.75)
+
+
+def test_config_round_trip_and_save_load(tmp_path):
+    model, used = _multimodal_model("gated")
+    x, _ = multimodal_classification(n=8)
+    config = json.loads(json.dumps(model.get_config()))
+    clone = kf.FusionModel.from_config(config)
+    assert json.loads(json.dumps(clone.get_config())) == config
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded, kf.FusionModel)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+
+
+def test_compiled_model_reloads_compiled(tmp_path):
+    x, y = sequence_classification(n=32)
+    model = _sequence_model("attention")
+    model.compile(optimizer="adam")
+    model.fit(x, y, epochs=1, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert loaded.compiled
+    loaded.fit(x, y, epochs=1, verbose=0)  # trains on without compile()
+
+
+def test_branch_names_unique_and_readable():
+    a, b = kf.branches.CNN(filters=(4,)), kf.branches.CNN(filters=(4,))
+    model = kf.FusionModel(
+        inputs={"left": keras.Input((8, 8, 3)), "right": keras.Input((8, 8, 3))},
+        branches={"left": a, "right": b},
+        fusion="concat",
+    )
+    names = [layer.name for layer in model.branch_layers]
+    assert len(set(names)) == 2
+    assert all(n.startswith("cnn_branch") for n in names)
+    assert model.fusion_layer.name.startswith("concat_fusion")
+
+
+def test_shared_branch_is_one_set_of_weights():
+    tied = kf.branches.MLP(units=(8,), name="tied")
+    model = kf.FusionModel(
+        inputs={"a": keras.Input((6,)), "b": keras.Input((6,))},
+        branches={"a": tied, "b": tied},
+        fusion="concat",
+    )
+    assert [layer for layer in model.layers if layer.name == "tied"] == [tied]
+    assert model.count_params() == tied.count_params()
+    lines = []
+    model.summary(print_fn=lambda line, **_: lines.append(line))
+    assert sum("tied (MLP)" in line for line in "\n".join(lines).splitlines()) == 1
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    out = model.predict({"a": x, "b": x}, verbose=0)
+    np.testing.assert_allclose(out[:, :8], out[:, 8:], atol=1e-6)
+
+
+def test_summary_shows_input_branches_fusion_head():
+    model = _sequence_model("gated")
+    lines = []
+    model.summary(print_fn=lambda line, **_: lines.append(line))
+    text = "\n".join(lines)
+    for part in ("signal", "cnn_branch", "rnn_branch", "transformer_branch", "gated_fusion"):
+        assert part in text
+    assert "classification" in text
+
+
+def test_plot_model_draws_the_graph(tmp_path):
+    from kfusion import inspect as kinspect
+
+    model = _sequence_model("gated")
+    path = tmp_path / "arch.png"
+    result = kinspect.plot(model, path)
+    if result is None:
+        pytest.fail("pydot/graphviz missing on this machine: .ci/run installs them")
+    assert os.path.getsize(path) > 1000
+
+
+def test_single_branch_needs_no_fusion():
+    x, y = sequence_classification(n=64)
+    model = kf.FusionModel(
+        inputs=keras.Input((16, 4)), branches=[kf.branches.RNN(units=8)], head=kf.heads.Classification(3)
+    )
+    assert model.fusion_layer is None
+    model.compile(optimizer="adam")
+    model.fit(x, y, epochs=1, verbose=0)
+
+
+def test_fusion_layer_instance_and_units():
+    model = kf.FusionModel(
+        inputs=keras.Input((16, 4)),
+        branches=[kf.branches.CNN(filters=(8,)), kf.branches.RNN(units=8)],
+        fusion=kf.layers.GatedFusion(units=12),
+    )
+    assert model.output_shape == (None, 12)
+    model = kf.FusionModel(
+        inputs=keras.Input((16, 4)),
+        branches=[kf.branches.CNN(filters=(8,)), kf.branches.RNN(units=8)],
+        fusion="attention",
+        fusion_units=24,
+    )
+    assert model.output_shape == (None, 24)
+
+
+def test_multitask_head_dict_outputs():
+    x, y = sequence_classification(n=64)
+    model = kf.FusionModel(
+        inputs=keras.Input((16, 4)),
+        branches=[kf.branches.CNN(filters=(8,)), kf.branches.RNN(units=8)],
+        fusion="concat",
+        head=kf.heads.MultiTask(
+            {"label": kf.heads.Classification(3), "level": kf.heads.Regression()}
+        ),
+    )
+    model.compile(optimizer="adam")
+    history = model.fit(x, {"label": y, "level": x[:, :, 0].mean(1)}, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    out = model.predict(x, verbose=0)
+    assert set(out) == {"label", "level"}
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+def test_padding_invariance_every_branch(fusion):
+    pooling = None if fusion == "cross_attention" else "mean"
+    kw = {"vocab_size": 30, "embedding_dim": 8}
+    model = kf.FusionModel(
+        inputs=keras.Input((None,), dtype="int32", name="tokens"),
+        branches=[
+            kf.branches.CNN(filters=(8, 8), pooling=pooling, **kw),
+            kf.branches.RNN(units=8, pooling=pooling or None, **kw),
+            kf.branches.Transformer(dim=8, depth=1, num_heads=2, pooling=pooling, **kw),
+        ],
+        fusion=fusion,
+        head=kf.heads.Classification(3),
+    )
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 30, size=(4, 6)).astype("int32")
+    padded = np.concatenate([tokens, np.zeros((4, 5), "int32")], axis=1)
+    np.testing.assert_allclose(
+        model.predict(tokens, verbose=0), model.predict(padded, verbose=0), atol=1e-5
+    )
+
+
+def test_spec_round_trips(tmp_path):
+    model = _sequence_model("gated")
+    spec = model.to_spec()
+    rebuilt = kf.FusionModel.from_spec(spec)
+    assert rebuilt.to_spec() == spec
+    # JSON string and YAML file give the same model.
+    assert kf.FusionModel.from_spec(json.dumps(spec)).to_spec() == spec
+    import yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert kf.FusionModel.from_spec(str(path)).to_spec() == spec
+    assert rebuilt.count_params() == model.count_params()
+
+
+def test_spec_shared_branch_and_unknown_key():
+    spec = {
+        "inputs": {"a": {"shape": [6]}, "b": {"shape": [6]}},
+        "branches": {"a": [{"type": "MLP", "units": [4], "name": "tied"}], "b": [{"ref": "tied"}]},
+        "fusion": "concat",
+        "head": {"type": "Classification", "num_classes": 2},
+    }
+    model = kf.FusionModel.from_spec(spec)
+    assert len(model.branch_layers) == 1
+    assert kf.FusionModel.from_spec(model.to_spec()).to_spec() == model.to_spec()
+    with pytest.raises(ValueError, match="Unknown key 'fussion'.*'fusion'"):
+        kf.FusionModel.from_spec({**spec, "fussion": "gated"})
+    with pytest.raises(ValueError, match="Unknown branch type 'Cnn'.*'CNN'"):
+        kf.FusionModel.from_spec({**spec, "branches": {"a": [{"type": "Cnn"}], "b": [{"ref": "x"}]}})
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_fusion_name():
+    with pytest.raises(ValueError, match="fusion='gate'.*'gated'"):
+        kf.FusionModel(inputs=keras.Input((6,)), branches=[kf.branches.MLP()] * 2, fusion="gate")
+
+
+def test_branch_dict_naming_missing_input():
+    with pytest.raises(ValueError, match="'txt'.*inputs are \\['text'\\].*'text'"):
+        kf.FusionModel(
+            inputs={"text": keras.Input((5,), dtype="int32")},
+            branches={"txt": [kf.branches.RNN(vocab_size=10)]},
+        )
+
+
+def test_branch_that_cannot_take_its_input():
+    with pytest.raises(ValueError, match="MLP branch .* cannot take input 'signal' of shape"):
+        kf.FusionModel(inputs=keras.Input((16, 4), name="signal"), branches=[kf.branches.MLP()])
+    with pytest.raises(ValueError, match="vocab_size"):
+        kf.FusionModel(
+            inputs=keras.Input((16,), dtype="int32", name="ids"), branches=[kf.branches.CNN()]
+        )
+
+
+def test_list_of_branches_with_several_inputs():
+    with pytest.raises(ValueError, match="must be a dict input name"):
+        kf.FusionModel(
+            inputs={"a": keras.Input((6,)), "b": keras.Input((6,))},
+            branches=[kf.branches.MLP()],
+        )
+
+
+def test_vector_fusion_needs_pooled_branches():
+    with pytest.raises(ValueError, match="pooling"):
+        kf.FusionModel(
+            inputs=keras.Input((16, 4)),
+            branches=[kf.branches.CNN(pooling=None), kf.branches.RNN()],
+            fusion="gated",
+        )
+
+
+def test_wrong_data_names_the_input_and_shape():
+    model, used = _multimodal_model("concat")
+    x, y = multimodal_classification(n=8)
+    model.compile(optimizer="adam")
+    with pytest.raises(ValueError, match="Missing input.*'tabular'.*\\(None, 5\\)"):
+        model.fit({"image": x["image"], "text": x["text"]}, y, verbose=0)
+    bad = dict(x, image=x["image"][:, :4])
+    with pytest.raises(ValueError, match="Input 'image' expects arrays of shape \\(None, 8, 8, 1\\)"):
+        model.predict(bad, verbose=0)
+    with pytest.raises(ValueError, match="Input 'text' expects integer token ids"):
+        model.predict(dict(x, text=x["text"].astype("float32")), verbose=0)
+    single = _sequence_model("concat")
+    with pytest.raises(ValueError, match="Input 'signal' expects arrays of shape \\(None, 16, 4\\)"):
+        single.predict(np.zeros((2, 16, 5), "float32"), verbose=0)
+
+
+def test_check_data_accepts_good_data():
+    model, _ = _multimodal_model("concat")
+    x, _ = multimodal_classification(n=4)
+    model.check_data(x)
+    out = model.predict(x, verbose=0)
+    assert out.shape == (4, 1)
+    assert helpers.as_numpy(out).dtype == np.float32

@@ -1,0 +1,205 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import yaml
+
+import kfusion as kf  # noqa: F401  (registers the classes .keras files name)
+from tests.conftest import requires_tensorflow
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow", PYTHONUNBUFFERED="1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = requires_tensorflow  # the command's exports are TensorFlow formats
+
+
+def kfusion(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "kfusion", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("kfusion")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+SPEC = {
+    "inputs": {"signal": {"shape": [12, 3], "dtype": "float32"}, "table": {"shape": [4]}},
+    "branches": {
+        "signal": [{"type": "CNN", "filters": [8], "name": "cnn"}],
+        "table": [{"type": "MLP", "units": [8], "name": "mlp"}],
+    },
+    "fusion": "gated",
+    "head": {"type": "Classification", "num_classes": 2},
+    "optimizer": "adam",
+    "learning_rate": 0.01,
+    "epochs": 3,
+    "batch_size": 32,
+    "seed": 7,
+}
+
+
+def _data(path, n=256):
+    rng = np.random.default_rng(0)
+    signal_ = rng.normal(size=(n, 12, 3)).astype("float32")
+    table = rng.normal(size=(n, 4)).astype("float32")
+    y = ((signal_[:, :, 0].mean(1) * 3 + table[:, 0]) > 0).astype("int32")
+    np.savez(path, signal=signal_, table=table, y=y)
+    return path
+
+
+@pytest.fixture
+def spec_and_data(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    return spec, _data(tmp_path / "data.npz")
+
+
+def test_demo_tiny_budget(tmp_path):
+    out = tmp_path / "demo"
+    result = kfusion("demo", "--epochs", 1, "--fusion", "gated", "--out", out, "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("cnn_only", "rnn_only", "transformer_only", "fused_gated", "accuracy", "macro F1"):
+        assert name in result.stdout
+    assert "branch weights" in result.stdout and "ablation" in result.stdout
+    assert "outputs equal" in result.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert report["best"] == "fused_gated"
+    assert set(report["models"]) == {"cnn_only", "rnn_only", "transformer_only", "fused_gated"}
+    assert 0.0 <= report["models"]["fused_gated"]["accuracy"] <= 1.0
+    assert report["fresh_process_max_difference"] < 1e-4
+    assert (out / "best_saved_model" / "saved_model.pb").exists()
+    assert (out / "best.keras").exists() and (out / "training_curves.png").exists()
+    loaded = keras.saving.load_model(out / "best.keras", safe_mode=True)
+    assert loaded.output_shape == (None, 10)
+
+
+def test_train_writes_model_and_metrics(spec_and_data, tmp_path):
+    spec, data = spec_and_data
+    out = tmp_path / "run"
+    result = kfusion("train", spec, "--data", data, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]["loss"]) == 3
+    assert metrics["history"]["loss"][-1] < metrics["history"]["loss"][0]
+    assert (out / "model.keras").exists() and (out / "saved_model" / "saved_model.pb").exists()
+    assert (out / "checkpoints" / "last.keras").exists()
+
+    info = kfusion("inspect", out / "model.keras")
+    assert info.returncode == 0, info.stderr
+    for fragment in ("input  signal", "input  table", "fusion: gated", "signal -> cnn", "head:"):
+        assert fragment in info.stdout
+    info = kfusion("inspect", out / "saved_model")
+    assert info.returncode == 0 and "serving_default" in info.stdout
+
+    for fmt, name in (("onnx", "m.onnx"), ("litert", "m.tflite"), ("saved_model", "sm")):
+        result = kfusion("export", out / "model.keras", "--format", fmt, "--out", tmp_path / name)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (tmp_path / name).exists()
+
+
+def test_train_resume_after_kill_matches_uninterrupted(tmp_path):
+    spec = dict(SPEC, epochs=8, batch_size=16)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    data = _data(tmp_path / "data.npz", n=2048)
+
+    full = kfusion("train", spec_path, "--data", data, "--out", tmp_path / "full", "--quiet")
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kfusion", "train", spec_path, "--data", data, "--out", out],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 3 done"):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not (out / "model.keras").exists()
+
+    resumed = kfusion("train", spec_path, "--data", data, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "epoch 1 done" not in resumed.stdout  # it continued, it did not start over
+    assert "epoch 8 done" in resumed.stdout
+    a = keras.saving.load_model(tmp_path / "full" / "model.keras", safe_mode=True)
+    b = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(wa, wb, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_spec_file(tmp_path):
+    assert_user_error(kfusion("train", tmp_path / "nope.yaml", "--data", "x.npz"), "not found")
+
+
+def test_malformed_yaml(tmp_path, spec_and_data):
+    _, data = spec_and_data
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inputs: [unclosed\n  - : :")
+    assert_user_error(kfusion("train", bad, "--data", data, "--out", tmp_path / "o"), "YAML")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_key_suggests_closest(tmp_path, spec_and_data):
+    _, data = spec_and_data
+    spec = tmp_path / "typo.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "epocs": 3}))
+    result = kfusion("train", spec, "--data", data, "--out", tmp_path / "o")
+    assert_user_error(result, "'epocs'", "'epochs'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_names_and_shapes_must_match(tmp_path, spec_and_data):
+    spec, _ = spec_and_data
+    wrong_name = tmp_path / "names.npz"
+    np.savez(wrong_name, sig=np.zeros((4, 12, 3)), table=np.zeros((4, 4)), y=np.zeros(4))
+    assert_user_error(
+        kfusion("train", spec, "--data", wrong_name, "--out", tmp_path / "o"), "signal"
+    )
+    wrong_shape = tmp_path / "shape.npz"
+    np.savez(wrong_shape, signal=np.zeros((4, 10, 3)), table=np.zeros((4, 4)), y=np.zeros(4))
+    result = kfusion("train", spec, "--data", wrong_shape, "--out", tmp_path / "o")
+    assert_user_error(result, "'signal'", "(None, 12, 3)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_folder(tmp_path, spec_and_data):
+    spec, data = spec_and_data
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    result = kfusion("train", spec, "--data", data, "--out", blocker / "run")
+    assert_user_error(result, "cannot write")
+    assert blocker.read_text() == "keep me"
+
+
+def test_inspect_and_export_missing_model(tmp_path):
+    assert_user_error(kfusion("inspect", tmp_path / "none.keras"), "not found")
+    result = kfusion("export", tmp_path / "none.keras", "--format", "onnx", "--out", tmp_path / "x")
+    assert_user_error(result, "not found")

@@ -1,0 +1,145 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import kfusion as kf
+from kfusion import export as kexport
+from kfusion.datasets import multimodal_classification
+from tests.conftest import requires_tensorflow
+
+TF_FORMATS = ["saved_model", "onnx", "litert"]
+
+
+def _model():
+    return kf.FusionModel(
+        inputs={
+            "image": keras.Input((8, 8, 1)),
+            "text": keras.Input((10,), dtype="int32"),
+            "tabular": keras.Input((5,)),
+        },
+        branches={
+            "image": [kf.branches.CNN(filters=(4,))],
+            "text": [kf.branches.RNN(units=4, vocab_size=20, embedding_dim=4)],
+            "tabular": [kf.branches.MLP(units=(4,))],
+        },
+        fusion="gated",
+        head=kf.heads.Classification(3),
+    )
+
+
+@pytest.fixture
+def data():
+    x, _ = multimodal_classification(n=4)
+    return x
+
+
+def test_keras_format_round_trips(tmp_path, data):
+    model = _model()
+    path = kexport.export(model, tmp_path / "m.keras", format="keras", probe=data)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(data, verbose=0), model.predict(data, verbose=0))
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("fmt", TF_FORMATS)
+def test_tensorflow_formats_round_trip(tmp_path, data, fmt):
+    model = _model()
+    name = {"saved_model": "saved", "onnx": "m.onnx", "litert": "m.tflite"}[fmt]
+    path = kexport.export(model, tmp_path / name, format=fmt, probe=data)
+    assert os.path.exists(path)
+    # Only the export is left at the destination: no temporary files beside it.
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+@requires_tensorflow
+def test_saved_model_loads_without_kfusion(tmp_path, data):
+    model = _model()
+    path = kexport.export(model, tmp_path / "saved", probe=data)
+    np.savez(tmp_path / "probe.npz", **data)
+    np.save(tmp_path / "expected.npy", model.predict(data, verbose=0))
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["kfusion"] = None  # any import of kfusion now fails
+        import numpy as np, tensorflow as tf
+        try:
+            import kfusion  # noqa: F401
+            raise SystemExit("kfusion was importable")
+        except ImportError:
+            pass
+        loaded = tf.saved_model.load({str(path)!r})
+        sig = loaded.signatures["serving_default"]
+        probe = dict(np.load({str(tmp_path / "probe.npz")!r}))
+        out = sig(**{{k: tf.constant(v) for k, v in probe.items()}})
+        got = list(out.values())[0].numpy()
+        np.testing.assert_allclose(got, np.load({str(tmp_path / "expected.npy")!r}), atol=1e-5)
+        print("OK")
+        """
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("OK")
+
+
+def test_failed_export_leaves_earlier_export_intact(tmp_path, data, monkeypatch):
+    model = _model()
+    path = tmp_path / "m.keras"
+    kexport.export(model, path, format="keras", probe=data)
+    before = keras.saving.load_model(path, safe_mode=True).predict(data, verbose=0)
+
+    other = _model()  # different weights
+
+    def broken_writer(model, tmp, probe, atol, rtol):
+        with open(tmp, "wb") as f:
+            f.write(b"half written")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(kexport._WRITERS, "keras", broken_writer)
+    with pytest.raises(OSError, match="disk full"):
+        kexport.export(other, path, format="keras", probe=data)
+    assert sorted(os.listdir(tmp_path)) == ["m.keras"]
+    after = keras.saving.load_model(path, safe_mode=True).predict(data, verbose=0)
+    np.testing.assert_array_equal(before, after)
+
+
+def test_verification_failure_raises_and_keeps_old(tmp_path, data, monkeypatch):
+    model = _model()
+    path = tmp_path / "m.keras"
+    kexport.export(model, path, format="keras", probe=data)
+    stamp = os.path.getmtime(path)
+
+    def wrong(expected, got, atol, rtol, what):
+        raise kexport.ExportVerificationError(f"{what}: differ")
+
+    monkeypatch.setattr(kexport, "_compare", wrong)
+    with pytest.raises(kexport.ExportVerificationError):
+        kexport.export(_model(), path, format="keras", probe=data)
+    assert os.path.getmtime(path) == stamp
+    assert sorted(os.listdir(tmp_path)) == ["m.keras"]
+
+
+def test_unwritable_destination_is_a_clear_error(tmp_path, data):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError):
+        kexport.export(_model(), blocker / "m.keras", format="keras", probe=data)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_bad_format():
+    with pytest.raises(ValueError, match="format='pickle'"):
+        kexport.export(_model(), "x", format="pickle")
+
+
+def test_probe_batch_matches_inputs():
+    probe = kexport.probe_batch(_model(), batch_size=3)
+    assert probe["image"].shape == (3, 8, 8, 1)
+    assert probe["text"].dtype == np.int32 and probe["text"].min() >= 1
