@@ -1,0 +1,112 @@
+import io
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import kfusion as kf
+from kfusion import inspect as kinspect
+
+
+def _two_view_data(n=400, seed=0):
+    """Two inputs: `signal` decides the label, `noise` is unrelated to it."""
+    rng = np.random.default_rng(seed)
+    signal = rng.normal(size=(n, 6)).astype("float32")
+    noise = rng.normal(size=(n, 6)).astype("float32")
+    y = (signal[:, 0] + signal[:, 1] > 0).astype("int32")
+    return {"signal": signal, "noise": noise}, y
+
+
+def _trained(fusion):
+    x, y = _two_view_data()
+    model = kf.FusionModel(
+        inputs={"signal": keras.Input((6,)), "noise": keras.Input((6,))},
+        branches={
+            "signal": [kf.branches.MLP(units=(16,), name="signal_mlp")],
+            "noise": [kf.branches.MLP(units=(16,), name="noise_mlp")],
+        },
+        fusion=fusion,
+        head=kf.heads.Classification(2),
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(x, y, epochs=15, batch_size=32, verbose=0)
+    return model, x, y
+
+
+@pytest.mark.parametrize("fusion", ["attention", "gated"])
+def test_ablation_finds_the_informative_branch(fusion):
+    model, x, y = _trained(fusion)
+    report = kinspect.ablation(model, x, y)
+    assert report["metric"] == "accuracy"
+    assert report["baseline"] > 0.9
+    drops = {k: v["drop"] for k, v in report["branches"].items()}
+    # Removing the informative branch costs a lot; removing the noise branch almost nothing.
+    assert drops["signal/signal_mlp"] > 0.25
+    assert abs(drops["noise/noise_mlp"]) < 0.1
+
+
+def test_branch_weights_rows_sum_to_one_and_favour_signal():
+    model, x, _ = _trained("attention")
+    weights = kinspect.branch_weights(model, x)
+    assert weights["branches"] == ["signal/signal_mlp", "noise/noise_mlp"]
+    assert weights["per_sample"].shape == (400, 2)
+    np.testing.assert_allclose(weights["per_sample"].sum(axis=1), 1.0, atol=1e-5)
+    assert set(weights["mean"]) == set(weights["branches"])
+
+
+def test_branch_weights_of_gated_fusion_average_gates():
+    model, x, _ = _trained("gated")
+    weights = kinspect.branch_weights(
+        model, x[:7] if not isinstance(x, dict) else {k: v[:7] for k, v in x.items()}
+    )
+    assert weights["per_sample"].shape == (7, 2)
+    np.testing.assert_allclose(weights["per_sample"].sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_ablation_with_token_level_fusion_keeps_masks():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 20, size=(32, 8)).astype("int32")
+    tokens[:, 5:] = 0
+    table = rng.normal(size=(32, 3)).astype("float32")
+    model = kf.FusionModel(
+        inputs={"text": keras.Input((8,), dtype="int32"), "table": keras.Input((3,))},
+        branches={
+            "text": [
+                kf.branches.Transformer(dim=8, depth=1, num_heads=2, vocab_size=20, pooling=None)
+            ],
+            "table": [kf.branches.MLP(units=(8,))],
+        },
+        fusion="cross_attention",
+        head=kf.heads.Classification(2),
+    )
+    report = kinspect.ablation(model, {"text": tokens, "table": table}, np.arange(32) % 2)
+    assert len(report["branches"]) == 2
+    with pytest.raises(ValueError, match="ablation"):
+        kinspect.branch_weights(model, {"text": tokens, "table": table})
+
+
+def test_branch_weights_rejects_models_without_weights():
+    model = kf.FusionModel(
+        inputs=keras.Input((6,)),
+        branches=[kf.branches.MLP(units=(4,)), kf.branches.MLP(units=(4,))],
+        fusion="concat",
+    )
+    with pytest.raises(ValueError, match="ConcatFusion.*ablation"):
+        kinspect.branch_weights(model, np.ones((2, 6), "float32"))
+    single = kf.FusionModel(inputs=keras.Input((6,)), branches=[kf.branches.MLP()])
+    with pytest.raises(ValueError, match="two or more branches"):
+        kinspect.ablation(single, np.ones((2, 6), "float32"), np.zeros(2))
+
+
+def test_plot_degrades_with_a_clear_message(tmp_path, monkeypatch):
+    def missing(*args, **kwargs):
+        raise ImportError("You must install pydot")
+
+    monkeypatch.setattr(keras.utils, "plot_model", missing)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    model = kf.FusionModel(inputs=keras.Input((6,)), branches=[kf.branches.MLP()])
+    assert kinspect.plot(model, tmp_path / "x.png") is None
+    assert "pydot" in err.getvalue() and "graphviz" in err.getvalue().lower()
+    assert not (tmp_path / "x.png").exists()
