@@ -167,6 +167,8 @@ class BaseBranch(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None, mask=None):
+        # `build` sees only the shape: the dtype rules (integer ids need vocab_size) apply here.
+        self.check_input(inputs.shape, inputs.dtype)
         if self.input_kind == "tokens":
             if not is_integer_dtype(inputs.dtype):
                 raise ValueError(

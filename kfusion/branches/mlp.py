@@ -36,7 +36,7 @@ class MLP(BaseBranch):
     >>> import numpy as np
     >>> import kfusion as kf
     >>> mlp = kf.branches.MLP(units=(32, 16), dropout=0.1)
-    >>> mlp(np.ones((4, 10), "float32")).shape
+    >>> tuple(mlp(np.ones((4, 10), "float32")).shape)
     (4, 16)
     """
 

@@ -1,0 +1,195 @@
+import keras
+from keras import ops
+
+from kfusion.branches._base import BaseBranch
+from kfusion.layers import _utils
+
+_CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
+_HALF = ("float16", "bfloat16")
+
+
+@keras.saving.register_keras_serializable(package="kfusion")
+class RNN(BaseBranch):
+    """A recurrent branch (LSTM or GRU) for token ids, sequences and images.
+
+    A stack of `num_layers` recurrent layers: the LSTM of Hochreiter &
+    Schmidhuber 1997 (*Long Short-Term Memory*) or the GRU of Cho et al. 2014
+    (*Learning Phrase Representations using RNN Encoder-Decoder*), optionally
+    bidirectional (Schuster & Paliwal 1997):
+
+        h_t = cell(x_t, h_{t-1})                               (forward)
+        out_t = [h_t^forward; h_t^backward]                    (bidirectional)
+
+    The mask (token ids: the non-zero ids; sequences: the keras mask) goes to
+    every layer, so padded steps neither update the state nor count.
+
+    With `pooling="last"` the final layer returns only its final state: with
+    right-padding that is the state after the last valid step, and for a
+    bidirectional layer `[forward final; backward final]`, the backward
+    direction having read the whole valid sequence. Other poolings (and None)
+    keep every step and the branch pools them with the mask.
+
+    Images are read row by row: `(batch, H, W, C)` becomes a sequence of `H`
+    steps of `W * C` features (the width and channels must be known).
+
+    Under mixed precision the recurrent layers (their sigmoid gates and the
+    carried state) run in float32 with float32 weights; the output is cast
+    to the policy's compute dtype.
+
+    Args:
+        units: int, the state width of each recurrent layer. Defaults to 64.
+        cell: `"lstm"` or `"gru"`. Defaults to `"lstm"`.
+        bidirectional: bool, whether every layer also reads the sequence
+            backwards (output width `2 * units`).
+        num_layers: int, the number of stacked recurrent layers.
+        dropout: float in [0, 1), dropout on the inputs of each layer.
+        recurrent_dropout: float in [0, 1), dropout on the recurrent state.
+        pooling: `"last"` (the final state, default), `"mean"` or `"max"`
+            (masked, over the steps), or None to return every step with its
+            mask.
+        output_dim: int or None, width of a final linear projection (per step
+            when `pooling=None`).
+        vocab_size: int or None. When given, the branch takes integer token
+            ids (0 is padding) and embeds them.
+        embedding_dim: int or None, the token embedding width. Defaults to 64.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: integer token ids `(batch, T)` (with `vocab_size`), a float
+            sequence `(batch, T, F)` or an image `(batch, H, W, C)`.
+        training: bool, whether dropout is active.
+        mask: optional boolean `(batch, T)` mask for float sequences (token
+            ids make their own mask from the zeros).
+
+    Returns:
+        `(batch, D)` with a pooling, otherwise `(batch, T, D)` (with the
+        input's mask for token ids and sequences; `T = H` for images), where
+        `D` is `output_dim`, or `units` (`2 * units` when bidirectional).
+
+    Example:
+
+    >>> import numpy as np
+    >>> import kfusion as kf
+    >>> rnn = kf.branches.RNN(units=8, cell="gru", bidirectional=True)
+    >>> tuple(rnn(np.ones((2, 10, 4), "float32")).shape)
+    (2, 16)
+    >>> rows = kf.branches.RNN(units=8, num_layers=2, pooling=None)
+    >>> tuple(rows(np.ones((2, 6, 5, 3), "float32")).shape)
+    (2, 6, 8)
+    >>> text = kf.branches.RNN(units=8, vocab_size=100, embedding_dim=4)
+    >>> tuple(text(np.array([[5, 7, 9, 0], [3, 0, 0, 0]])).shape)
+    (2, 8)
+    """
+
+    name_prefix = "rnn_branch"
+    kinds = ("tokens", "sequence", "image")
+
+    def __init__(
+        self,
+        units=64,
+        cell="lstm",
+        bidirectional=False,
+        num_layers=1,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        pooling="last",
+        output_dim=None,
+        vocab_size=None,
+        embedding_dim=None,
+        **kwargs,
+    ):
+        units = _utils.check_int("units", units)
+        cell = _utils.check_choice("cell", cell, tuple(_CELLS))
+        bidirectional = _utils.check_bool("bidirectional", bidirectional)
+        num_layers = _utils.check_int("num_layers", num_layers)
+        dropout = _utils.check_rate("dropout", dropout)
+        recurrent_dropout = _utils.check_rate("recurrent_dropout", recurrent_dropout)
+        super().__init__(
+            pooling=pooling,
+            output_dim=output_dim,
+            vocab_size=vocab_size,
+            embedding_dim=embedding_dim,
+            **kwargs,
+        )
+        self.units = units
+        self.cell = cell
+        self.bidirectional = bidirectional
+        self.num_layers = num_layers
+        self.dropout = dropout
+        self.recurrent_dropout = recurrent_dropout
+
+        # Gates and state stay in float32 under mixed precision.
+        rnn_policy = self.dtype_policy
+        if keras.backend.standardize_dtype(self.compute_dtype) in _HALF:
+            rnn_policy = keras.DTypePolicy("float32")
+        self.rnn_layers = []
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            layer = _CELLS[self.cell](
+                self.units,
+                dropout=self.dropout,
+                recurrent_dropout=self.recurrent_dropout,
+                return_sequences=not (last and self.pooling == "last"),
+                dtype=rnn_policy,
+                name=f"{self.cell}_{i}",
+            )
+            if self.bidirectional:
+                layer = keras.layers.Bidirectional(
+                    layer, dtype=rnn_policy, name=f"bidirectional_{i}"
+                )
+            self.rnn_layers.append(layer)
+
+    # ------------------------------------------------------------------ helpers
+    def _rows_as_sequence_shape(self, shape):
+        batch, height, width, channels = shape
+        if width is None:
+            raise ValueError(
+                f"RNN branch '{self.name}' reads images row by row and needs a known image "
+                f"width. Received shape {tuple(shape)}."
+            )
+        return (batch, height, width * channels)
+
+    # ----------------------------------------------------------- body contract
+    def _build_body(self, kind, shape):
+        shape = tuple(shape)
+        if kind == "image":
+            shape = self._rows_as_sequence_shape(shape)
+        for layer in self.rnn_layers:
+            layer.build(shape)
+            shape = tuple(layer.compute_output_shape(shape))
+
+    def _call_body(self, x, mask, kind, training):
+        if kind == "image":
+            _, height, features = self._rows_as_sequence_shape(tuple(x.shape))
+            if height is None:
+                x = ops.reshape(x, (ops.shape(x)[0], -1, features))
+            else:
+                x = ops.reshape(x, (-1, height, features))
+            x = ops.cast(x, self.compute_dtype)
+            mask = None
+        for layer in self.rnn_layers:
+            x = layer(x, mask=mask, training=training)
+        x = ops.cast(x, self.compute_dtype)
+        if len(x.shape) == 2:
+            return x, None
+        return x, mask
+
+    def _body_output_shape(self, kind, shape):
+        shape = tuple(shape)
+        if kind == "image":
+            shape = self._rows_as_sequence_shape(shape)
+        width = self.units * (2 if self.bidirectional else 1)
+        if self.pooling == "last":
+            return (shape[0], width)
+        return (shape[0], shape[1], width)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "cell": self.cell,
+            "bidirectional": self.bidirectional,
+            "num_layers": self.num_layers,
+            "dropout": self.dropout,
+            "recurrent_dropout": self.recurrent_dropout,
+        }

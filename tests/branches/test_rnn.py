@@ -1,0 +1,302 @@
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from kfusion.branches import RNN
+from tests import helpers
+from tests.branches import branch_checks
+from tests.conftest import requires_tensorflow
+
+VOCAB = 20
+LENGTHS = [5, 3, 6, 1]  # uneven rows, every one padded (T = 8)
+
+
+@pytest.fixture
+def ids(rng):
+    return branch_checks.padded_token_ids(rng, LENGTHS, total=8, vocab_size=VOCAB)
+
+
+@pytest.fixture
+def seq(rng):
+    return rng.normal(size=(4, 7, 3)).astype("float32")
+
+
+@pytest.fixture
+def images(rng):
+    return rng.normal(size=(4, 6, 5, 2)).astype("float32")
+
+
+@pytest.fixture
+def inputs_by_kind(ids, seq, images):
+    return {"tokens": ids, "sequence": seq, "image": images}
+
+
+def make(kind, **kwargs):
+    kwargs.setdefault("units", 4)
+    if kind == "tokens":
+        kwargs.setdefault("vocab_size", VOCAB)
+        kwargs.setdefault("embedding_dim", 5)
+    return RNN(**kwargs)
+
+
+# ----------------------------------------------------------------------------- NumPy reference
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_lstm(x, kernel, recurrent_kernel, bias):
+    """Keras LSTM (gates i, f, c, o); returns every step's output (batch, T, units)."""
+    units = recurrent_kernel.shape[0]
+    h = np.zeros((x.shape[0], units), "float32")
+    c = np.zeros_like(h)
+    outputs = []
+    for t in range(x.shape[1]):
+        z = x[:, t] @ kernel + h @ recurrent_kernel + bias
+        i, f, g, o = (z[:, k * units : (k + 1) * units] for k in range(4))
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = sigmoid(o) * np.tanh(c)
+        outputs.append(h)
+    return np.stack(outputs, axis=1)
+
+
+def np_gru(x, kernel, recurrent_kernel, bias):
+    """Keras GRU with reset_after=True (gates z, r, h); every step's output."""
+    units = recurrent_kernel.shape[0]
+    input_bias, recurrent_bias = bias
+    h = np.zeros((x.shape[0], units), "float32")
+    outputs = []
+    for t in range(x.shape[1]):
+        xz = x[:, t] @ kernel + input_bias
+        hz = h @ recurrent_kernel + recurrent_bias
+        z = sigmoid(xz[:, :units] + hz[:, :units])
+        r = sigmoid(xz[:, units : 2 * units] + hz[:, units : 2 * units])
+        candidate = np.tanh(xz[:, 2 * units :] + r * hz[:, 2 * units :])
+        h = z * h + (1.0 - z) * candidate
+        outputs.append(h)
+    return np.stack(outputs, axis=1)
+
+
+# ----------------------------------------------------------------------------- config, names
+def test_config_roundtrip():
+    branch = RNN(
+        units=6,
+        cell="gru",
+        bidirectional=True,
+        num_layers=2,
+        dropout=0.1,
+        recurrent_dropout=0.2,
+        pooling="max",
+        output_dim=3,
+        vocab_size=50,
+        embedding_dim=4,
+    )
+    clone = helpers.check_config_roundtrip(branch)
+    assert clone.cell == "gru" and clone.bidirectional and clone.num_layers == 2
+    assert clone.recurrent_dropout == 0.2
+
+
+def test_default_names_are_unique():
+    branch_checks.check_default_names(lambda **kw: RNN(units=4, **kw), "rnn_branch")
+
+
+# ----------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("kind", ["tokens", "sequence", "image"])
+@pytest.mark.parametrize("pooling", ["last", None])
+def test_symbolic_matches_eager(inputs_by_kind, kind, pooling):
+    branch = make(kind, pooling=pooling, bidirectional=True, num_layers=2)
+    out = helpers.check_symbolic_matches_eager(branch, inputs_by_kind[kind])
+    steps = {"tokens": 8, "sequence": 7, "image": 6}[kind]
+    assert tuple(out.shape) == ((4, steps, 8) if pooling is None else (4, 8))
+
+
+def test_unknown_lengths(rng):
+    branch = make("tokens", pooling="mean")
+    assert tuple(branch(keras.Input((None,), dtype="int32")).shape) == (None, 4)
+    ids = branch_checks.padded_token_ids(rng, [3, 2], total=4, vocab_size=VOCAB)
+    assert tuple(branch(ids).shape) == (2, 4)
+    rows = RNN(units=3, pooling=None)
+    assert tuple(rows(keras.Input((None, 5, 2))).shape) == (None, None, 3)
+    assert tuple(rows(rng.normal(size=(2, 4, 5, 2)).astype("float32")).shape) == (2, 4, 3)
+
+
+# ----------------------------------------------------------------------------- formula
+def test_stacked_lstm_matches_numpy(seq):
+    branch = RNN(units=4, num_layers=2, pooling="mean")
+    branch(seq)
+    branch_checks.randomize_weights(branch)  # non-zero biases
+    out = helpers.as_numpy(branch(seq))
+    h = np_lstm(seq, *branch.rnn_layers[0].get_weights())
+    h = np_lstm(h, *branch.rnn_layers[1].get_weights())
+    np.testing.assert_allclose(out, h.mean(axis=1), rtol=1e-4, atol=1e-5)
+
+
+def test_bidirectional_gru_last_matches_numpy(seq):
+    branch = RNN(units=4, cell="gru", bidirectional=True, pooling="last")
+    branch(seq)
+    branch_checks.randomize_weights(branch)  # non-zero biases
+    out = helpers.as_numpy(branch(seq))
+    layer = branch.rnn_layers[0]
+    forward = np_gru(seq, *layer.forward_layer.get_weights())[:, -1]
+    backward = np_gru(seq[:, ::-1], *layer.backward_layer.get_weights())[:, -1]
+    np.testing.assert_allclose(out, np.concatenate([forward, backward], -1), rtol=1e-4, atol=1e-5)
+
+
+def test_images_are_read_row_by_row(images):
+    branch = RNN(units=4, pooling=None)
+    branch(images)
+    branch_checks.randomize_weights(branch)  # non-zero biases
+    out = helpers.as_numpy(branch(images))
+    rows = images.reshape(4, 6, 5 * 2)
+    expected = np_lstm(rows, *branch.rnn_layers[0].get_weights())
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert branch.compute_mask(images) is None
+
+
+def test_weight_count():
+    branch = RNN(
+        units=3, bidirectional=True, num_layers=2, vocab_size=10, embedding_dim=4, output_dim=2
+    )
+    branch.build((None, 7))
+    lstm_0 = 4 * (4 * 3 + 3 * 3 + 3)  # 4 gates: kernel, recurrent kernel, bias
+    lstm_1 = 4 * (6 * 3 + 3 * 3 + 3)  # reads [forward; backward] = 6 features
+    expected = 10 * 4 + 2 * lstm_0 + 2 * lstm_1 + (6 * 2 + 2)
+    assert branch.count_params() == expected
+
+    gru = RNN(units=5, cell="gru")
+    gru.build((None, 6, 2, 3))  # rows of 2 * 3 = 6 features
+    assert gru.count_params() == 3 * (6 * 5 + 5 * 5 + 2 * 5)  # reset_after: two biases
+    assert len(gru.trainable_weights) == 3
+
+
+# ----------------------------------------------------------------------------- padding, masks
+@pytest.mark.parametrize(
+    "pooling, kwargs",
+    [
+        ("last", {"cell": "gru", "bidirectional": True}),
+        ("mean", {"cell": "gru", "bidirectional": True}),
+        ("max", {"cell": "gru", "bidirectional": True}),
+        (None, {"cell": "gru", "bidirectional": True}),
+        ("last", {"cell": "lstm", "bidirectional": True, "num_layers": 2}),
+        (None, {"cell": "lstm", "bidirectional": True, "num_layers": 2}),
+    ],
+)
+def test_token_padding_never_changes_the_output(ids, pooling, kwargs):
+    branch = make("tokens", pooling=pooling, **kwargs)
+    branch_checks.check_token_padding_invariance(branch, ids)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", None])
+def test_masked_sequence_padding_never_changes_the_output(rng, pooling):
+    x, mask = branch_checks.padded_sequences(rng, LENGTHS, total=8, features=3)
+    branch = make("sequence", pooling=pooling)
+    branch_checks.check_sequence_padding_invariance(branch, x, mask)
+
+
+def test_masking_layer_padding_never_changes_the_output(rng):
+    x, mask = branch_checks.padded_sequences(rng, LENGTHS, total=8, features=3, garbage=False)
+    branch = make("sequence", cell="gru", bidirectional=True, pooling="last")
+    branch_checks.check_masking_layer_invariance(branch, x, mask)
+
+
+def test_pooling_none_returns_steps_and_mask(ids, rng):
+    branch = make("tokens", pooling=None, bidirectional=True, output_dim=3)
+    assert tuple(branch(ids).shape) == (4, 8, 3)
+    np.testing.assert_array_equal(helpers.as_numpy(branch.compute_mask(ids)), ids != 0)
+    symbolic = branch(keras.Input((8,), dtype="int32"))
+    assert tuple(symbolic.shape) == (None, 8, 3)
+    assert tuple(symbolic._keras_mask.shape) == (None, 8)
+
+    x, mask = branch_checks.padded_sequences(rng, LENGTHS, total=8, features=3)
+    seq_branch = make("sequence", pooling=None)
+    assert tuple(seq_branch(x, mask=mask).shape) == (4, 8, 4)
+    np.testing.assert_array_equal(helpers.as_numpy(seq_branch.compute_mask(x, mask)), mask)
+
+
+def test_pooled_output_has_no_mask(ids):
+    branch = make("tokens", pooling="last")
+    branch(ids)
+    assert branch.compute_mask(ids) is None
+
+
+# ----------------------------------------------------------------------------- training, dtypes
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("tokens", {"dropout": 0.1, "recurrent_dropout": 0.1}),
+        ("sequence", {"cell": "gru", "bidirectional": True, "pooling": "mean"}),
+        ("image", {"output_dim": 3}),
+    ],
+)
+def test_fit_step(inputs_by_kind, kind, kwargs):
+    helpers.check_fit_step(make(kind, **kwargs), inputs_by_kind[kind])
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("tokens", {"bidirectional": True, "pooling": "last"}),
+        ("image", {"cell": "gru", "pooling": "max", "output_dim": 3}),
+    ],
+)
+def test_mixed_precision(inputs_by_kind, kind, kwargs, policy):
+    branch, _ = helpers.check_mixed_precision(
+        lambda: make(kind, **kwargs), inputs_by_kind[kind], policy
+    )
+    # The gates and state run in float32; the output follows the policy.
+    assert all(layer.compute_dtype == "float32" for layer in branch.rnn_layers)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "image"])
+def test_save_and_load(inputs_by_kind, kind, tmp_path):
+    branch = make(kind, bidirectional=True, num_layers=2, output_dim=3)
+    loaded = helpers.check_saving(branch, inputs_by_kind[kind], tmp_path)
+    assert isinstance(loaded.layers[-1], RNN)
+
+
+@requires_tensorflow
+def test_saved_model_export(ids, tmp_path):
+    helpers.check_saved_model(make("tokens", bidirectional=True), ids, tmp_path)
+
+
+# ----------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"units": 0}, "units"),
+        ({"units": 2.5}, "units"),
+        ({"cell": "rnn"}, "cell"),
+        ({"bidirectional": 1}, "bidirectional"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"recurrent_dropout": -0.1}, "recurrent_dropout"),
+        ({"pooling": "first"}, "pooling"),
+        ({"output_dim": 0}, "output_dim"),
+        ({"vocab_size": 1}, "vocab_size"),
+        ({"embedding_dim": 0}, "embedding_dim"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=re.escape(f"{name}={kwargs[name]!r}")):
+        RNN(**kwargs)
+
+
+def test_bad_inputs(seq):
+    with pytest.raises(ValueError, match="cannot take input"):
+        RNN(units=4)(np.ones((2, 3, 4, 5, 2), "float32"))  # rank 5
+    with pytest.raises(ValueError, match="cannot take input"):
+        RNN(units=4)(np.ones((2, 5), "float32"))  # float vectors
+    with pytest.raises(ValueError, match="vocab_size"):
+        RNN(units=4)(np.ones((2, 5), "int32"))  # token ids without vocab_size
+    with pytest.raises(ValueError, match="cannot take input.*int32"):
+        RNN(units=4)(np.ones((2, 5, 3), "int32"))  # an integer sequence
+    with pytest.raises(ValueError, match="expects integer token ids"):
+        RNN(units=4, vocab_size=VOCAB)(np.ones((2, 5), "float32"))
+    with pytest.raises(ValueError, match="not a \\(batch, T\\) array of token ids"):
+        RNN(units=4, vocab_size=VOCAB)(seq)
+    with pytest.raises(ValueError, match="known image width"):
+        RNN(units=4)(keras.Input((6, None, 3)))
+    with pytest.raises(ValueError, match="known feature"):
+        RNN(units=4)(keras.Input((5, None)))
