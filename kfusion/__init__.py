@@ -1,10 +1,17 @@
 """kfusion: multi-branch deep learning models for Keras 3."""
 
-from kfusion import branches, layers
+from kfusion import branches, datasets, export, heads, inspect, layers, models
+from kfusion.models import FusionModel
 from kfusion.version import __version__
 
 __all__ = [
     "__version__",
+    "FusionModel",
     "branches",
+    "datasets",
+    "export",
+    "heads",
+    "inspect",
     "layers",
+    "models",
 ]

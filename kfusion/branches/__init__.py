@@ -1,7 +1,15 @@
 """Branches: layers that turn one input into features, adapting to its rank and dtype."""
 
+from kfusion.branches.backbone import Backbone
+from kfusion.branches.cnn import CNN
 from kfusion.branches.mlp import MLP
+from kfusion.branches.rnn import RNN
+from kfusion.branches.transformer import Transformer
 
 __all__ = [
+    "Backbone",
+    "CNN",
     "MLP",
+    "RNN",
+    "Transformer",
 ]

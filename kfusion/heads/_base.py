@@ -1,0 +1,138 @@
+"""The contract every kfusion head follows (private base class) and the heads' private loss.
+
+A head is a keras Layer that turns the fused features `(batch, D)` into predictions:
+
+    x -> [Dense(h_i, relu) -> Dropout]* -> Dropout (only when there is no hidden layer)
+      -> output Dense (float32) -> final activation (float32)
+
+Hidden layers follow the layer's dtype policy; the output Dense and its activation always
+compute in float32, so predictions and losses are float32 under mixed precision.
+
+Subclasses pass `output_units` to `BaseHead.__init__` and implement:
+- `_activate(logits)`: the final activation on float32 logits (identity for logits/regression).
+- `default_loss()`: a fresh keras loss object for this head.
+- `default_metrics()`: a list of fresh keras metric objects for this head.
+"""
+
+import keras
+from keras import ops
+
+from kfusion.layers import _utils
+
+
+class BaseHead(keras.layers.Layer):
+    """Base of all kfusion heads (see the module docstring for the contract)."""
+
+    def __init__(self, output_units, hidden_units=(), dropout=0.0, **kwargs):
+        hidden_units = _utils.check_int_tuple("hidden_units", hidden_units, allow_empty=True)
+        dropout = _utils.check_rate("dropout", dropout)
+        super().__init__(**kwargs)
+        self.hidden_units = hidden_units
+        self.dropout = dropout
+        self.output_units = output_units
+        self.supports_masking = True
+        self.hidden_layers = [
+            keras.layers.Dense(
+                width, activation="relu", dtype=self.dtype_policy, name=f"hidden_{i}"
+            )
+            for i, width in enumerate(self.hidden_units)
+        ]
+        # One dropout after every hidden layer; with no hidden layer, one on the features.
+        self.dropout_layers = [
+            keras.layers.Dropout(self.dropout, dtype=self.dtype_policy, name=f"dropout_{i}")
+            for i in range(max(1, len(self.hidden_units)))
+        ]
+        self.output_layer = keras.layers.Dense(output_units, dtype="float32", name="output")
+        if not self.trainable:
+            # Sub-layers made after `Layer.__init__` do not inherit `trainable=False`;
+            # the setter is called directly because `self.trainable = False` is a no-op
+            # on TensorFlow when the value does not change.
+            keras.layers.Layer.trainable.fset(self, False)
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"{type(self).__name__} head '{self.name}' expects fused features of shape "
+                f"(batch, D) with a known D. Received input shape {input_shape}."
+            )
+        shape = input_shape
+        for dense in self.hidden_layers:
+            dense.build(shape)
+            shape = (shape[0], dense.units)
+        self.output_layer.build(shape)
+        self.built = True
+
+    def call(self, inputs, training=None, mask=None):
+        x = inputs
+        for dense, drop in zip(self.hidden_layers, self.dropout_layers):
+            x = drop(dense(x), training=training)
+        if not self.hidden_layers:
+            x = self.dropout_layers[0](x, training=training)
+        logits = self.output_layer(x)
+        return self._activate(logits)
+
+    def _activate(self, logits):
+        return logits
+
+    def compute_output_shape(self, input_shape):
+        return (tuple(input_shape)[0], self.output_units)
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
+        return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype="float32")
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def default_loss(self):
+        raise NotImplementedError
+
+    def default_metrics(self):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_units": list(self.hidden_units),
+            "dropout": self.dropout,
+        }
+
+
+@keras.saving.register_keras_serializable(package="kfusion")
+class SparseCategoricalCrossentropyWithSmoothing(keras.losses.Loss):
+    """Cross-entropy for integer labels with label smoothing.
+
+    `keras.losses.SparseCategoricalCrossentropy` has no `label_smoothing`; this loss one-hot
+    encodes the integer labels and uses `keras.losses.categorical_crossentropy`, so the
+    smoothed target is `(1 - s) * one_hot(y) + s / K` for K classes.
+    """
+
+    def __init__(
+        self,
+        from_logits=False,
+        label_smoothing=0.0,
+        reduction="sum_over_batch_size",
+        name="sparse_categorical_crossentropy",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = from_logits
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.convert_to_tensor(y_pred)
+        y_true = ops.convert_to_tensor(y_true)
+        if len(y_true.shape) == len(y_pred.shape):
+            y_true = ops.squeeze(y_true, axis=-1)
+        one_hot = ops.one_hot(ops.cast(y_true, "int32"), y_pred.shape[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(
+            one_hot,
+            y_pred,
+            from_logits=self.from_logits,
+            label_smoothing=self.label_smoothing,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(from_logits=self.from_logits, label_smoothing=self.label_smoothing)
+        return config

@@ -1,0 +1,124 @@
+import copy
+
+import keras
+
+from kfusion.heads._base import BaseHead
+
+
+@keras.saving.register_keras_serializable(package="kfusion")
+class MultiTask(keras.layers.Layer):
+    """Several heads on the same fused features, one per task (hard parameter sharing).
+
+    Every task's head reads the same features, so the branches and the fusion layer are
+    shared by all tasks (hard parameter sharing, Caruana 1997, *Multitask Learning*):
+
+        out[t] = head_t(x)                    for each task name t
+
+    The total loss of a model built on it is the (optionally weighted) sum of the task
+    losses, which keras computes from the loss dict returned by `default_loss()`.
+
+    Args:
+        heads: dict mapping task names (valid Python identifiers) to kfusion heads
+            (`Classification`, `MultiLabel`, `Regression`); at least one. Each head
+            instance may appear once. Tasks are stored in sorted name order.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: float tensor of shape `(batch, D)`.
+        training: bool, whether the heads' dropout is active.
+
+    Returns:
+        A dict mapping each task name to its head's float32 output.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import kfusion as kf
+    >>> head = kf.heads.MultiTask(
+    ...     {"label": kf.heads.Classification(3), "score": kf.heads.Regression()}
+    ... )
+    >>> out = head(np.ones((4, 8), "float32"))
+    >>> {name: tuple(y.shape) for name, y in out.items()}
+    {'label': (4, 3), 'score': (4, 1)}
+    >>> sorted(head.default_loss())
+    ['label', 'score']
+    """
+
+    def __init__(self, heads, **kwargs):
+        heads = _check_heads(heads)
+        super().__init__(**kwargs)
+        self.heads = heads
+        self.supports_masking = True
+        if not self.trainable:
+            # Sub-layers made after `Layer.__init__` do not inherit `trainable=False`;
+            # the setter is called directly because `self.trainable = False` is a no-op
+            # on TensorFlow when the value does not change.
+            keras.layers.Layer.trainable.fset(self, False)
+
+    def build(self, input_shape):
+        for head in self.heads.values():
+            # Heads restored by `from_config` may arrive built already.
+            if not head.built:
+                head.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, training=None, mask=None):
+        return {name: head(inputs, training=training) for name, head in self.heads.items()}
+
+    def compute_output_shape(self, input_shape):
+        return {name: head.compute_output_shape(input_shape) for name, head in self.heads.items()}
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
+        return {name: head.compute_output_spec(inputs) for name, head in self.heads.items()}
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def default_loss(self):
+        """A dict task name -> a fresh default loss of that task's head."""
+        return {name: head.default_loss() for name, head in self.heads.items()}
+
+    def default_metrics(self):
+        """A dict task name -> fresh default metrics (a list) of that task's head."""
+        return {name: head.default_metrics() for name, head in self.heads.items()}
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "heads": {
+                name: keras.saving.serialize_keras_object(head) for name, head in self.heads.items()
+            },
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        # `deserialize_keras_object` consumes the dicts it reads: give it copies.
+        config["heads"] = {
+            name: keras.saving.deserialize_keras_object(copy.deepcopy(head))
+            for name, head in config["heads"].items()
+        }
+        return cls(**config)
+
+
+def _check_heads(heads):
+    """Validates the `heads` argument; returns a plain dict in sorted task order."""
+    problem = None
+    if not isinstance(heads, dict) or not heads:
+        problem = "a non-empty dict mapping task names to kfusion heads"
+    else:
+        names = list(heads)
+        bad_names = [n for n in names if not isinstance(n, str) or not n.isidentifier()]
+        bad_heads = [n for n in names if not isinstance(heads[n], BaseHead)]
+        if bad_names:
+            problem = f"keyed by valid identifiers; {bad_names!r} are not"
+        elif bad_heads:
+            problem = (
+                "a dict whose values are kfusion heads (Classification, MultiLabel, "
+                f"Regression); the value for {bad_heads!r} is not"
+            )
+        elif len({id(h) for h in heads.values()}) != len(heads):
+            problem = "a dict of distinct head instances; one head appears twice"
+    if problem is not None:
+        raise ValueError(f"`heads` must be {problem}. Received: heads={heads!r}")
+    return {name: heads[name] for name in sorted(heads)}
