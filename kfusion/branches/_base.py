@@ -164,6 +164,10 @@ class BaseBranch(keras.layers.Layer):
         out_shape = self._body_output_shape(self.input_kind, body_shape)
         if self.output_projection is not None:
             self.output_projection.build((None, out_shape[-1]))
+        if not self.trainable:
+            # Sub-layers made after `Layer.__init__(trainable=False)` start trainable; pass
+            # the flag down now that all of them exist (the setter skips an unchanged value).
+            keras.layers.Layer.trainable.fset(self, False)
         self.built = True
 
     def call(self, inputs, training=None, mask=None):

@@ -140,3 +140,10 @@ def test_bad_inputs():
         MLP(units=4)(np.ones((2, 5), "int32"))  # integer ids, and no vocab_size to embed them
     with pytest.raises(ValueError, match="known feature"):
         MLP(units=4)(keras.Input((None,)))
+
+
+def test_trainable_false_freezes_every_sublayer():
+    frozen = MLP(units=(4, 4), normalization="batch", output_dim=2, trainable=False)
+    frozen.build((None, 3))
+    assert frozen.trainable_weights == []
+    assert len(frozen.non_trainable_weights) == len(frozen.weights) > 0
