@@ -203,3 +203,27 @@ def test_inspect_and_export_missing_model(tmp_path):
     assert_user_error(kfusion("inspect", tmp_path / "none.keras"), "not found")
     result = kfusion("export", tmp_path / "none.keras", "--format", "onnx", "--out", tmp_path / "x")
     assert_user_error(result, "not found")
+
+
+def test_train_on_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(200, 3))
+    label = (table[:, 0] - table[:, 2] > 0).astype(int)
+    lines = ["a,b,c,label"] + [f"{r[0]},{r[1]},{r[2]},{y}" for r, y in zip(table, label)]
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    spec = {
+        "inputs": {"table": {"shape": [3]}},
+        "branches": [{"type": "MLP", "units": [16]}, {"type": "MLP", "units": [8]}],
+        "fusion": "concat",
+        "head": {"type": "Classification", "num_classes": 2},
+        "label": "label",
+        "epochs": 30,
+        "learning_rate": 0.02,
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = kfusion(
+        "train", tmp_path / "spec.yaml", "--data", tmp_path / "data.csv", "--out", tmp_path / "o"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["history"]["accuracy"][-1] > 0.9  # a linear rule on the columns

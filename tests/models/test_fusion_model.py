@@ -64,7 +64,9 @@ def _multimodal_model(fusion):
         inputs = {k: inputs[k] for k in used}
         branches = {k: branches[k] for k in used}
     return (
-        kf.FusionModel(inputs=inputs, branches=branches, fusion=fusion, head=kf.heads.Classification(2)),
+        kf.FusionModel(
+            inputs=inputs, branches=branches, fusion=fusion, head=kf.heads.Classification(2)
+        ),
         used,
     )
 
@@ -111,9 +113,7 @@ def test_config_round_trip_and_save_load(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     assert isinstance(loaded, kf.FusionModel)
-    np.testing.assert_allclose(
-        loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
-    )
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
 
 
 def test_compiled_model_reloads_compiled(tmp_path):
@@ -182,7 +182,9 @@ def test_plot_model_draws_the_graph(tmp_path):
 def test_single_branch_needs_no_fusion():
     x, y = sequence_classification(n=64)
     model = kf.FusionModel(
-        inputs=keras.Input((16, 4)), branches=[kf.branches.RNN(units=8)], head=kf.heads.Classification(3)
+        inputs=keras.Input((16, 4)),
+        branches=[kf.branches.RNN(units=8)],
+        head=kf.heads.Classification(3),
     )
     assert model.fusion_layer is None
     model.compile(optimizer="adam")
@@ -272,7 +274,9 @@ def test_spec_shared_branch_and_unknown_key():
     with pytest.raises(ValueError, match="Unknown key 'fussion'.*'fusion'"):
         kf.FusionModel.from_spec({**spec, "fussion": "gated"})
     with pytest.raises(ValueError, match="Unknown branch type 'Cnn'.*'CNN'"):
-        kf.FusionModel.from_spec({**spec, "branches": {"a": [{"type": "Cnn"}], "b": [{"ref": "x"}]}})
+        kf.FusionModel.from_spec(
+            {**spec, "branches": {"a": [{"type": "Cnn"}], "b": [{"ref": "x"}]}}
+        )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -322,12 +326,16 @@ def test_wrong_data_names_the_input_and_shape():
     with pytest.raises(ValueError, match="Missing input.*'tabular'.*\\(None, 5\\)"):
         model.fit({"image": x["image"], "text": x["text"]}, y, verbose=0)
     bad = dict(x, image=x["image"][:, :4])
-    with pytest.raises(ValueError, match="Input 'image' expects arrays of shape \\(None, 8, 8, 1\\)"):
+    with pytest.raises(
+        ValueError, match="Input 'image' expects arrays of shape \\(None, 8, 8, 1\\)"
+    ):
         model.predict(bad, verbose=0)
     with pytest.raises(ValueError, match="Input 'text' expects integer token ids"):
         model.predict(dict(x, text=x["text"].astype("float32")), verbose=0)
     single = _sequence_model("concat")
-    with pytest.raises(ValueError, match="Input 'signal' expects arrays of shape \\(None, 16, 4\\)"):
+    with pytest.raises(
+        ValueError, match="Input 'signal' expects arrays of shape \\(None, 16, 4\\)"
+    ):
         single.predict(np.zeros((2, 16, 5), "float32"), verbose=0)
 
 
@@ -338,3 +346,32 @@ def test_check_data_accepts_good_data():
     out = model.predict(x, verbose=0)
     assert out.shape == (4, 1)
     assert helpers.as_numpy(out).dtype == np.float32
+
+
+def _tiny_backbone_model():
+    inp = keras.Input((16, 16, 3))
+    out = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inp)
+    return keras.Model(inp, out, name="tiny")
+
+
+def test_two_image_inputs_with_the_same_backbone_do_not_clash(tmp_path):
+    # Two Backbone branches wrapping same-named inner models, one per image input.
+    model = kf.FusionModel(
+        inputs={"left": keras.Input((16, 16, 3)), "right": keras.Input((16, 16, 3))},
+        branches={
+            "left": kf.branches.Backbone(_tiny_backbone_model(), preprocess=False),
+            "right": kf.branches.Backbone(_tiny_backbone_model(), preprocess=False),
+        },
+        fusion="attention",
+        head=kf.heads.Classification(2),
+    )
+    names = [b.name for b in model.branch_layers]
+    assert len(set(names)) == 2 and all(n.startswith("backbone_branch") for n in names)
+    x = {
+        k: np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+        for k in ("left", "right")
+    }
+    path = tmp_path / "two.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
