@@ -47,10 +47,11 @@ def multimodal_classification(
     """Image + token text + tabular inputs, each carrying part of a binary label.
 
     The label is `y = [s_image + s_text + s_tab > 0]` (the sum over `label_from`) for
-    three independent standard normal scores: the image holds `s_image` as the brightness of its top-left quadrant
-    minus its bottom-right one, the text holds `s_text` through how many (about 3|s|) "positive" (id 2)
-    versus "negative" (id 3) tokens it has among random ones (right-padded with id 0 to
-    variable lengths), and the table holds `s_tab` in column 0. No modality alone gives
+    three independent standard normal scores: the image holds `s_image` as the brightness
+    of its top-left quadrant minus its bottom-right one, the text holds `s_text` through
+    how many (about 3|s|) "positive" (id 2) versus "negative" (id 3) tokens it has among
+    random ones (right-padded with id 0 to variable lengths), and the table holds `s_tab`
+    in column 0. No modality alone gives
     the label: reading one of three scores gives about 70% accuracy at best, all three
     close to 100%.
 
