@@ -17,6 +17,7 @@ earlier export at that path intact, and nothing half-written where the user's fi
 import os
 import shutil
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -172,7 +173,9 @@ def _write_litert(model, path, probe, atol, rtol):
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         Interpreter = tf.lite.Interpreter
-    interpreter = Interpreter(model_path=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        interpreter = Interpreter(model_path=path)
     runner = interpreter.get_signature_runner()
     inputs = probe if isinstance(probe, dict) else None
     expected = _model_outputs(model, probe)
@@ -184,7 +187,17 @@ def _write_litert(model, path, probe, atol, rtol):
             feed = {sig_inputs[0]: np.asarray(probe[r : r + 1])}
         else:
             feed = {k: np.asarray(inputs[k][r : r + 1]) for k in sig_inputs}
-        result = runner(**feed)
+        try:
+            result = runner(**feed)
+        except RuntimeError as e:
+            if "Flex" not in str(e) and "Select TensorFlow op" not in str(e):
+                raise
+            raise ExportVerificationError(
+                "litert: the converted model needs Select TensorFlow ops (recurrent layers "
+                "such as LSTM/GRU become TensorList ops), which this LiteRT interpreter "
+                "cannot run, so the export could not be verified and was not written. "
+                "Export models without RNN branches to LiteRT, or use saved_model/onnx."
+            ) from None
         got_rows.append([result[k] for k in sorted(result)])
     got = [np.concatenate([row[i] for row in got_rows]) for i in range(len(got_rows[0]))]
     _compare(expected, got, atol, rtol, "litert")

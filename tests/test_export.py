@@ -45,10 +45,27 @@ def test_keras_format_round_trips(tmp_path, data):
     np.testing.assert_allclose(loaded.predict(data, verbose=0), model.predict(data, verbose=0))
 
 
+def _model_without_rnn():
+    return kf.FusionModel(
+        inputs={
+            "image": keras.Input((8, 8, 1)),
+            "text": keras.Input((10,), dtype="int32"),
+            "tabular": keras.Input((5,)),
+        },
+        branches={
+            "image": [kf.branches.CNN(filters=(4,))],
+            "text": [kf.branches.Transformer(dim=8, depth=1, num_heads=2, vocab_size=20)],
+            "tabular": [kf.branches.MLP(units=(4,))],
+        },
+        fusion="attention",
+        head=kf.heads.Classification(3),
+    )
+
+
 @requires_tensorflow
 @pytest.mark.parametrize("fmt", TF_FORMATS)
 def test_tensorflow_formats_round_trip(tmp_path, data, fmt):
-    model = _model()
+    model = _model() if fmt != "litert" else _model_without_rnn()
     name = {"saved_model": "saved", "onnx": "m.onnx", "litert": "m.tflite"}[fmt]
     path = kexport.export(model, tmp_path / name, format=fmt, probe=data)
     assert os.path.exists(path)
@@ -143,3 +160,10 @@ def test_probe_batch_matches_inputs():
     probe = kexport.probe_batch(_model(), batch_size=3)
     assert probe["image"].shape == (3, 8, 8, 1)
     assert probe["text"].dtype == np.int32 and probe["text"].min() >= 1
+
+
+@requires_tensorflow
+def test_litert_with_recurrent_branch_fails_clearly(tmp_path, data):
+    with pytest.raises(kexport.ExportVerificationError, match="Select TensorFlow ops"):
+        kexport.export(_model(), tmp_path / "m.tflite", format="litert", probe=data)
+    assert os.listdir(tmp_path) == []
