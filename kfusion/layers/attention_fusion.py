@@ -2,10 +2,11 @@ import keras
 from keras import ops
 
 from kfusion.layers import _utils
+from kfusion.layers._weighted_fusion import WeightedFusionBase
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
-class AttentionFusion(keras.layers.Layer):
+class AttentionFusion(WeightedFusionBase):
     """Fuses branch features by a per-sample attention-weighted sum.
 
     Each branch is projected to a common width, scored with additive
@@ -107,21 +108,6 @@ class AttentionFusion(keras.layers.Layer):
         if not return_weights:
             return fused
         return fused, weights
-
-    def compute_output_shape(self, input_shape):
-        shapes = _utils.flatten_shapes(input_shape, self.__class__.__name__)
-        return (shapes[0][0], self.units)
-
-    def compute_output_spec(self, inputs, training=None, mask=None, return_weights=False):
-        items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
-        shapes = [tuple(h.shape) for h in items]
-        fused = keras.KerasTensor(self.compute_output_shape(shapes), dtype=self.compute_dtype)
-        if not return_weights:
-            return fused
-        return fused, keras.KerasTensor((shapes[0][0], len(items)), dtype="float32")
-
-    def compute_mask(self, inputs, mask=None):
-        return None
 
     def get_config(self):
         return {

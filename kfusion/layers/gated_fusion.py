@@ -2,10 +2,11 @@ import keras
 from keras import ops
 
 from kfusion.layers import _utils
+from kfusion.layers._weighted_fusion import WeightedFusionBase
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
-class GatedFusion(keras.layers.Layer):
+class GatedFusion(WeightedFusionBase):
     """Fuses branch features with per-feature gates (Gated Multimodal Unit).
 
     The Gated Multimodal Unit of Arevalo et al. 2017 (*Gated Multimodal
@@ -113,21 +114,8 @@ class GatedFusion(keras.layers.Layer):
             return fused
         return fused, gates
 
-    def compute_output_shape(self, input_shape):
-        shapes = _utils.flatten_shapes(input_shape, self.__class__.__name__)
-        return (shapes[0][0], self.units)
-
-    def compute_output_spec(self, inputs, training=None, mask=None, return_weights=False):
-        items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
-        shapes = [tuple(h.shape) for h in items]
-        fused = keras.KerasTensor(self.compute_output_shape(shapes), dtype=self.compute_dtype)
-        if not return_weights:
-            return fused
-        gates = keras.KerasTensor((shapes[0][0], len(items), self.units), dtype="float32")
-        return fused, gates
-
-    def compute_mask(self, inputs, mask=None):
-        return None
+    def _weights_shape(self, batch, num_branches):
+        return (batch, num_branches, self.units)
 
     def get_config(self):
         return {

@@ -2,10 +2,11 @@ import keras
 from keras import ops
 
 from kfusion.layers import _utils
+from kfusion.layers._weighted_fusion import WeightedFusionBase
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
-class WeightedSumFusion(keras.layers.Layer):
+class WeightedSumFusion(WeightedFusionBase):
     """Fuses branch features by a learned, input-independent weighted sum.
 
     Each branch gets one learned logit; a softmax over the logits gives
@@ -114,21 +115,8 @@ class WeightedSumFusion(keras.layers.Layer):
         per_sample = ops.zeros_like(ops.cast(stacked[:, :, 0], "float32")) + weights[None, :]
         return fused, per_sample
 
-    def compute_output_shape(self, input_shape):
-        shapes = _utils.flatten_shapes(input_shape, self.__class__.__name__)
-        width = self.units if self.units is not None else shapes[0][-1]
-        return (shapes[0][0], width)
-
-    def compute_output_spec(self, inputs, training=None, mask=None, return_weights=False):
-        items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
-        shapes = [tuple(h.shape) for h in items]
-        fused = keras.KerasTensor(self.compute_output_shape(shapes), dtype=self.compute_dtype)
-        if not return_weights:
-            return fused
-        return fused, keras.KerasTensor((shapes[0][0], len(items)), dtype="float32")
-
-    def compute_mask(self, inputs, mask=None):
-        return None
+    def _output_width(self, shapes):
+        return self.units if self.units is not None else shapes[0][-1]
 
     def get_config(self):
         return {
