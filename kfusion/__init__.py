@@ -1,6 +1,6 @@
 """kfusion: multi-branch deep learning models for Keras 3."""
 
-from kfusion import branches, datasets, export, heads, inspect, layers, models
+from kfusion import branches, datasets, ensemble, export, heads, inspect, layers, models, tune
 from kfusion.models import FusionModel
 from kfusion.version import __version__
 
@@ -9,9 +9,11 @@ __all__ = [
     "FusionModel",
     "branches",
     "datasets",
+    "ensemble",
     "export",
     "heads",
     "inspect",
     "layers",
     "models",
+    "tune",
 ]

@@ -1,0 +1,113 @@
+import keras
+
+from kfusion.ensemble import _common
+from kfusion.ensemble._layers import FrozenMember
+from kfusion.ensemble.average import fresh_inputs
+from kfusion.layers import _utils
+
+TASKS = ("classification", "regression")
+
+
+def stack(models, meta=None, task=None, from_logits=None, name=None):
+    """Stacks frozen base models under a meta learner trained on their outputs (one graph).
+
+    Stacked generalisation (Wolpert 1992, *Stacked generalization*; Breiman 1996,
+    *Stacked regressions*): the bases' outputs `f_1(x)..f_M(x)` become the features of
+    a second-level model,
+
+        y_hat = g([f_1(x); ...; f_M(x)])
+
+    By default `g` is a single Dense layer: multinomial logistic regression
+    (`softmax(W [f_1; ...; f_M] + b)`, a sigmoid for one output unit) for classification,
+    linear regression for regression.
+
+    Why the meta learner needs held-out data: on the examples a base model trained on,
+    its outputs are better than they will ever be on new data (it has fit, partly
+    memorised, those labels). A meta learner fit there learns to trust whichever base
+    overfits most, and that trust does not carry over to new data. Fit the stacked model
+    on a split the bases never saw (a held-out set, or out-of-fold predictions), then
+    evaluate it on yet another split. The returned model makes that a plain `fit`: the
+    bases are frozen (`trainable=False`, and always run in inference mode), so `fit`
+    trains only the meta learner. The bases' own `trainable` flags are changed in place.
+
+    Args:
+        models: list of at least two built `keras.Model`s with the same inputs, each
+            returning one tensor `(batch, K_m)` (the same K when `meta` is None).
+        meta: None for the default learner, or a keras layer / model taking the
+            concatenated outputs `(batch, sum_m K_m)` (no `Lambda`: it must load with
+            `safe_mode=True`).
+        task: `"classification"`, `"regression"`, or None: regression when every base is
+            a FusionModel with a `Regression` head, classification otherwise. Chooses
+            the default meta learner.
+        from_logits: None or bool, what the bases output (see `kf.ensemble.average`);
+            decides between softmax and sigmoid for the default classifier.
+        name: the stacked model's name. Defaults to `"stacked_ensemble"`.
+
+    Returns:
+        An uncompiled `keras.Model`; its only trainable weights are the meta learner's.
+        The default classifier returns probabilities (compile with a loss taking
+        probabilities).
+
+    Raises:
+        ValueError: for fewer than two models, different inputs, outputs that are not
+            one `(batch, K)` tensor, an unknown `task`, a `meta` that is not a layer.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import kfusion as kf
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(300, 4)).astype("float32")
+    >>> y = (x[:, 0] + x[:, 1] > 0).astype("int32")
+    >>> def base():
+    ...     return kf.FusionModel(
+    ...         inputs=keras.Input((4,), name="x"),
+    ...         branches=[kf.branches.MLP(units=(8,))],
+    ...         head=kf.heads.Classification(2),
+    ...     )
+    >>> bases = [base(), base()]
+    >>> for model in bases:  # the bases train on the first 200 rows
+    ...     model.compile(optimizer="adam")
+    ...     _ = model.fit(x[:200], y[:200], epochs=1, verbose=0)
+    >>> stacked = kf.ensemble.stack(bases)
+    >>> stacked.compile(optimizer="adam", loss="binary_crossentropy")
+    >>> _ = stacked.fit(x[200:], y[200:], epochs=1, verbose=0)  # held-out rows only
+    >>> [w.path for w in stacked.trainable_weights]
+    ['meta_learner/kernel', 'meta_learner/bias']
+    >>> stacked.predict(x[:3], verbose=0).shape
+    (3, 1)
+    """
+    models = _common.check_models(models)
+    if task is not None:
+        _utils.check_choice("task", task, TASKS)
+    from_logits = _common.check_from_logits(from_logits)
+    if meta is not None:
+        if not isinstance(meta, keras.layers.Layer) or isinstance(meta, keras.layers.Lambda):
+            raise ValueError(
+                "`meta` must be None or a keras layer or model (not a Lambda layer: the "
+                f"stacked model must load with safe_mode=True). Received: meta={meta!r}"
+            )
+    _common.check_unique_names(models)
+    _common.check_same_inputs(models)
+    if meta is None:
+        _common.check_same_outputs(models)
+    else:
+        for model in models:
+            _common.single_output(model)
+    kinds = [_common.output_kind(m, from_logits) for m in models]
+    if task is None:
+        task = "regression" if all(k[0] == "values" for k in kinds) else "classification"
+
+    inputs = fresh_inputs(models[0])
+    outputs = [FrozenMember(m, name=f"frozen_{m.name}")(inputs) for m in models]
+    features = keras.layers.Concatenate(dtype="float32", name="stacked_outputs")(outputs)
+    if meta is None:
+        width = int(models[0].outputs[0].shape[-1])
+        if task == "regression":
+            activation = None
+        else:
+            activation = kinds[0][1] or ("sigmoid" if width == 1 else "softmax")
+        meta = keras.layers.Dense(
+            width, activation=activation, dtype="float32", name="meta_learner"
+        )
+    return keras.Model(inputs, meta(features), name=name or "stacked_ensemble")
