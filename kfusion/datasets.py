@@ -6,6 +6,8 @@ rule the models have to learn, so accuracy well above chance means the model lea
 
 import numpy as np
 
+__all__ = ["digits", "multimodal_classification", "sequence_classification"]
+
 
 def sequence_classification(n=240, length=16, features=4, num_classes=3, seed=0):
     """Noisy sinusoids whose frequency is the class.

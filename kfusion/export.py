@@ -26,9 +26,21 @@ FORMATS = ("saved_model", "keras", "onnx", "litert")
 _ALIASES = {"tf_saved_model": "saved_model", "tflite": "litert"}
 SERVING_SIGNATURE = "serving_default"
 
+__all__ = ["ExportVerificationError", "export", "probe_batch"]
+
 
 class ExportVerificationError(RuntimeError):
-    """The reloaded export's outputs differ from the model's."""
+    """The reloaded export's outputs differ from the model's (or could not be checked).
+
+    `export` raises it after writing to a temporary path and before anything reaches the
+    destination, so an earlier export there stays intact.
+
+    Example:
+
+    >>> from kfusion.export import ExportVerificationError
+    >>> issubclass(ExportVerificationError, RuntimeError)
+    True
+    """
 
 
 def _input_specs(model):

@@ -10,6 +10,8 @@ GRAPHVIZ_HINT = (
     "(`pip install pydot` and `apt-get install graphviz`, or `brew install graphviz`)."
 )
 
+__all__ = ["ablation", "branch_labels", "branch_weights", "plot"]
+
 
 def plot(model, path, show_shapes=True, dpi=96, **kwargs):
     """Draws `model` (inputs -> branches -> fusion -> head) to an image file.
@@ -68,6 +70,18 @@ def branch_labels(model):
 
     Returns:
         A list of strings.
+
+    Example:
+
+    >>> import keras
+    >>> import kfusion as kf
+    >>> tied = kf.branches.MLP(units=(4,), name="tied")
+    >>> model = kf.FusionModel(
+    ...     inputs={"a": keras.Input((3,)), "b": keras.Input((3,))},
+    ...     branches={"a": tied, "b": tied},
+    ... )
+    >>> kf.inspect.branch_labels(model)
+    ['a/tied', 'b/tied']
     """
     several = len(model.branch_map) > 1
     return [

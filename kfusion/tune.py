@@ -40,6 +40,8 @@ TENSORBOARD_HINT = (
     "`pip install 'kfusion[tune]'`)."
 )
 
+__all__ = ["hypermodel"]
+
 
 def _require_keras_tuner():
     try:
