@@ -90,7 +90,7 @@ def _demo_model(kind, seed):
         inputs=keras.Input((8, 8), name="digits"),
         branches=chosen,
         fusion=fusion,
-        head=kf.heads.Classification(10),
+        head=kf.heads.Classification(10, name="classification_head"),
         name=name,
     )
 
