@@ -29,6 +29,19 @@ def kfusion(*args, timeout=600):
     )
 
 
+def kfusion_here(capsys, *args):
+    """Runs the command's `main` in this process (no interpreter start-up): for the error paths
+    and the commands that follow a real `python -m kfusion` run."""
+    from types import SimpleNamespace
+
+    from kfusion.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+
 def assert_user_error(result, *fragments):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("kfusion")]
@@ -89,7 +102,7 @@ def test_demo_tiny_budget(tmp_path):
     assert loaded.output_shape == (None, 10)
 
 
-def test_train_writes_model_and_metrics(spec_and_data, tmp_path):
+def test_train_writes_model_and_metrics(spec_and_data, tmp_path, capsys):
     spec, data = spec_and_data
     out = tmp_path / "run"
     result = kfusion("train", spec, "--data", data, "--out", out)
@@ -100,15 +113,17 @@ def test_train_writes_model_and_metrics(spec_and_data, tmp_path):
     assert (out / "model.keras").exists() and (out / "saved_model" / "saved_model.pb").exists()
     assert (out / "checkpoints" / "last.keras").exists()
 
-    info = kfusion("inspect", out / "model.keras")
+    info = kfusion_here(capsys, "inspect", out / "model.keras")
     assert info.returncode == 0, info.stderr
     for fragment in ("input  signal", "input  table", "fusion: gated", "signal -> cnn", "head:"):
         assert fragment in info.stdout
-    info = kfusion("inspect", out / "saved_model")
+    info = kfusion_here(capsys, "inspect", out / "saved_model")
     assert info.returncode == 0 and "serving_default" in info.stdout
 
     for fmt, name in (("onnx", "m.onnx"), ("litert", "m.tflite"), ("saved_model", "sm")):
-        result = kfusion("export", out / "model.keras", "--format", fmt, "--out", tmp_path / name)
+        result = kfusion_here(
+            capsys, "export", out / "model.keras", "--format", fmt, "--out", tmp_path / name
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         assert (tmp_path / name).exists()
 
@@ -155,53 +170,59 @@ def test_train_resume_after_kill_matches_uninterrupted(tmp_path):
 
 
 # ----------------------------------------------------------------------------- errors
-def test_missing_spec_file(tmp_path):
-    assert_user_error(kfusion("train", tmp_path / "nope.yaml", "--data", "x.npz"), "not found")
+def test_missing_spec_file(tmp_path, capsys):
+    assert_user_error(
+        kfusion_here(capsys, "train", tmp_path / "nope.yaml", "--data", "x.npz"), "not found"
+    )
 
 
-def test_malformed_yaml(tmp_path, spec_and_data):
+def test_malformed_yaml(tmp_path, spec_and_data, capsys):
     _, data = spec_and_data
     bad = tmp_path / "bad.yaml"
     bad.write_text("inputs: [unclosed\n  - : :")
-    assert_user_error(kfusion("train", bad, "--data", data, "--out", tmp_path / "o"), "YAML")
+    assert_user_error(
+        kfusion_here(capsys, "train", bad, "--data", data, "--out", tmp_path / "o"), "YAML"
+    )
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_key_suggests_closest(tmp_path, spec_and_data):
+def test_unknown_key_suggests_closest(tmp_path, spec_and_data, capsys):
     _, data = spec_and_data
     spec = tmp_path / "typo.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "epocs": 3}))
-    result = kfusion("train", spec, "--data", data, "--out", tmp_path / "o")
+    result = kfusion_here(capsys, "train", spec, "--data", data, "--out", tmp_path / "o")
     assert_user_error(result, "'epocs'", "'epochs'")
     assert not (tmp_path / "o").exists()
 
 
-def test_data_names_and_shapes_must_match(tmp_path, spec_and_data):
+def test_data_names_and_shapes_must_match(tmp_path, spec_and_data, capsys):
     spec, _ = spec_and_data
     wrong_name = tmp_path / "names.npz"
     np.savez(wrong_name, sig=np.zeros((4, 12, 3)), table=np.zeros((4, 4)), y=np.zeros(4))
     assert_user_error(
-        kfusion("train", spec, "--data", wrong_name, "--out", tmp_path / "o"), "signal"
+        kfusion_here(capsys, "train", spec, "--data", wrong_name, "--out", tmp_path / "o"), "signal"
     )
     wrong_shape = tmp_path / "shape.npz"
     np.savez(wrong_shape, signal=np.zeros((4, 10, 3)), table=np.zeros((4, 4)), y=np.zeros(4))
-    result = kfusion("train", spec, "--data", wrong_shape, "--out", tmp_path / "o")
+    result = kfusion_here(capsys, "train", spec, "--data", wrong_shape, "--out", tmp_path / "o")
     assert_user_error(result, "'signal'", "(None, 12, 3)")
     assert not (tmp_path / "o").exists()
 
 
-def test_unwritable_output_folder(tmp_path, spec_and_data):
+def test_unwritable_output_folder(tmp_path, spec_and_data, capsys):
     spec, data = spec_and_data
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
-    result = kfusion("train", spec, "--data", data, "--out", blocker / "run")
+    result = kfusion_here(capsys, "train", spec, "--data", data, "--out", blocker / "run")
     assert_user_error(result, "cannot write")
     assert blocker.read_text() == "keep me"
 
 
-def test_inspect_and_export_missing_model(tmp_path):
-    assert_user_error(kfusion("inspect", tmp_path / "none.keras"), "not found")
-    result = kfusion("export", tmp_path / "none.keras", "--format", "onnx", "--out", tmp_path / "x")
+def test_inspect_and_export_missing_model(tmp_path, capsys):
+    assert_user_error(kfusion_here(capsys, "inspect", tmp_path / "none.keras"), "not found")
+    result = kfusion_here(
+        capsys, "export", tmp_path / "none.keras", "--format", "onnx", "--out", tmp_path / "x"
+    )
     assert_user_error(result, "not found")
 
 
