@@ -32,5 +32,5 @@ def rng():
 
 requires_tensorflow = pytest.mark.skipif(
     BACKEND != "tensorflow",
-    reason="needs the TensorFlow backend (SavedModel export is a TensorFlow format)",
+    reason="needs the TensorFlow backend (a TensorFlow format or tf.distribute)",
 )

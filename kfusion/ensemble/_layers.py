@@ -194,6 +194,13 @@ class FrozenMember(keras.layers.Layer):
     def build(self, input_shape):
         self.built = True
 
+    @property
+    def metrics(self):
+        # A compiled member's own metrics (its "loss" tracker, its compile metrics) are not
+        # the ensemble's: listed here they would replace the ensemble's loss in `fit` logs
+        # with the member's, never updated (Keras skips only nested models, not layers).
+        return []
+
     def call(self, inputs, training=None):
         return self.model(inputs, training=False)
 
