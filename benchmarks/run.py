@@ -238,6 +238,56 @@ def section_fusions(rounds, steps):
     return summarise(interleave(runners, rounds, steps), "concat")
 
 
+def fit_stepper(model, x, y, pipeline="numpy", jit_compile="auto"):
+    """Seconds per step of `model.fit` (one epoch of `steps` batches) on a given pipeline."""
+    import keras
+    import tensorflow as tf
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="sparse_categorical_crossentropy",
+        jit_compile=jit_compile,
+    )
+
+    def data_for(steps):
+        n = steps * BATCH
+        reps = -(-n // len(x))
+        xs, ys = (np_tile(x, reps)[:n], np_tile(y, reps)[:n])
+        if pipeline == "numpy":
+            return {"x": xs, "y": ys, "batch_size": BATCH}
+        ds = tf.data.Dataset.from_tensor_slices((xs, ys)).batch(BATCH, drop_remainder=True)
+        return {"x": ds.prefetch(tf.data.AUTOTUNE)}
+
+    model.fit(**data_for(2), epochs=1, verbose=0, shuffle=False)  # warm-up: trace/compile
+
+    def run(steps):
+        kwargs = data_for(steps)
+        start = time.perf_counter()
+        model.fit(**kwargs, epochs=1, verbose=0, shuffle=False)
+        return (time.perf_counter() - start) / steps
+
+    return run
+
+
+def np_tile(a, reps):
+    import numpy as np
+
+    return np.concatenate([a] * reps) if reps > 1 else a
+
+
+def section_pipeline(rounds, steps):
+    """`fit` on NumPy arrays vs a `tf.data` pipeline (fixed shapes, prefetch), and XLA."""
+    x, y = data()
+    runners = {
+        "fit, NumPy arrays": fit_stepper(kfusion_model(), x, y, "numpy"),
+        "fit, tf.data (drop_remainder, prefetch)": fit_stepper(kfusion_model(), x, y, "tf.data"),
+        "fit, tf.data + jit_compile=True (XLA)": fit_stepper(
+            kfusion_model(), x, y, "tf.data", jit_compile=True
+        ),
+    }
+    return summarise(interleave(runners, rounds, steps), "fit, NumPy arrays")
+
+
 def section_torch(rounds, steps):
     x, y = data()
     runners = {
@@ -363,6 +413,7 @@ def main():
         "overhead": section_overhead(rounds, steps),
         "vs_pytorch": section_torch(rounds, steps),
         "fusion_kinds": section_fusions(rounds, steps),
+        "pipeline": section_pipeline(rounds, steps),
         "backends": section_backends(rounds, steps),
         "inference": section_inference(rounds),
     }
@@ -401,6 +452,10 @@ Written by `python benchmarks/run.py` on {datetime.date.today().isoformat()}.
 ## Fusion kinds: step time relative to concat (target <= 1.05 for attention and gated)
 
 {table(sections["fusion_kinds"])}
+
+## Input pipeline and XLA: `model.fit` of the FusionModel (TensorFlow, CPU)
+
+{table(sections["pipeline"])}
 
 ## Backends: the same FusionModel (ratio to TensorFlow)
 
