@@ -1,6 +1,17 @@
 """kfusion: multi-branch deep learning models for Keras 3."""
 
-from kfusion import branches, datasets, ensemble, export, heads, inspect, layers, models, tune
+from kfusion import (
+    branches,
+    callbacks,
+    datasets,
+    ensemble,
+    export,
+    heads,
+    inspect,
+    layers,
+    models,
+    tune,
+)
 from kfusion.models import FusionModel
 from kfusion.version import __version__
 
@@ -8,6 +19,7 @@ __all__ = [
     "__version__",
     "FusionModel",
     "branches",
+    "callbacks",
     "datasets",
     "ensemble",
     "export",

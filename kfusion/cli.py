@@ -398,6 +398,7 @@ def cmd_train(args):
     import keras
 
     from kfusion import export as kexport
+    from kfusion.callbacks import StopOnNaN
     from kfusion.models import FusionModel
 
     seed = int(train.get("seed", 0))
@@ -420,22 +421,35 @@ def cmd_train(args):
     compile_kwargs = {k: train[k] for k in ("loss", "metrics") if k in train}
     model.compile(optimizer=optimizer, **compile_kwargs)
     epochs = int(train.get("epochs", 10))
+    features = x if len(x) > 1 else next(iter(x.values()))
+    try:
+        model.check_data(features)
+    except ValueError as e:
+        raise UserError(f"data {args.data}: {e}") from None
     callbacks = [
+        # First: a NaN loss aborts fit before the checkpoint callbacks save that state.
+        StopOnNaN(),
         keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
         keras.callbacks.ModelCheckpoint(os.path.join(out, "checkpoints", "last.keras")),
         _EpochLog(args.quiet),
     ]
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
-    history = model.fit(
-        x if len(x) > 1 else next(iter(x.values())),
-        y,
-        epochs=epochs,
-        batch_size=int(train.get("batch_size", 32)),
-        validation_split=float(train.get("validation_split", 0.0)),
-        shuffle=False,
-        callbacks=callbacks,
-        verbose=0,
-    )
+    try:
+        history = model.fit(
+            features,
+            y,
+            epochs=epochs,
+            batch_size=int(train.get("batch_size", 32)),
+            validation_split=float(train.get("validation_split", 0.0)),
+            shuffle=False,
+            callbacks=callbacks,
+            verbose=0,
+        )
+    except FloatingPointError as e:
+        raise UserError(
+            f"training diverged: {e} Try a lower learning_rate. Nothing was exported; "
+            "the checkpoints of earlier epochs are kept."
+        ) from None
     probe = {k: v[:8] for k, v in x.items()}
     probe = probe if len(probe) > 1 else next(iter(probe.values()))
     kexport.export(model, os.path.join(out, "model.keras"), format="keras", probe=probe)
@@ -449,13 +463,13 @@ def cmd_train(args):
 
 # ------------------------------------------------------------------------ inspect/export
 def _load_any(path):
-    import keras
-
     if not os.path.exists(path):
         raise UserError(f"model not found: {path}")
     if path.endswith(".keras"):
+        from kfusion import export as kexport
+
         try:
-            return keras.saving.load_model(path, safe_mode=True), "keras"
+            return kexport.load(path), "keras"
         except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say so in one line
             raise UserError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):

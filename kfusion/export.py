@@ -12,21 +12,28 @@ Formats:
 Every export is written to a temporary path beside the target, reloaded and compared with
 the model on a probe batch, and only then renamed into place: a failed export leaves an
 earlier export at that path intact, and nothing half-written where the user's file was.
+Before anything is written, `export` refuses a model with NaN or infinite weights (a
+diverged training run) and a destination it would not simply replace: a folder for a file
+format, or a non-empty folder that is not a SavedModel for `"saved_model"`.
 """
 
+import json
 import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 
 import keras
 import numpy as np
+
+from kfusion.callbacks.stop_on_nan import _first_non_finite
 
 FORMATS = ("saved_model", "keras", "onnx", "litert")
 _ALIASES = {"tf_saved_model": "saved_model", "tflite": "litert"}
 SERVING_SIGNATURE = "serving_default"
 
-__all__ = ["ExportVerificationError", "export", "probe_batch"]
+__all__ = ["ExportVerificationError", "export", "load", "probe_batch"]
 
 
 class ExportVerificationError(RuntimeError):
@@ -151,7 +158,7 @@ def _write_saved_model(model, path, probe, atol, rtol):
 
 def _write_keras(model, path, probe, atol, rtol):
     model.save(path)
-    reloaded = keras.saving.load_model(path, safe_mode=True)
+    reloaded = load(path)
     _compare(_model_outputs(model, probe), _model_outputs(reloaded, probe), atol, rtol, "keras")
 
 
@@ -242,6 +249,114 @@ def _publish(tmp, path):
         os.replace(tmp, path)
 
 
+# Packages whose classes keras itself resolves by module (it refuses any other module).
+_KERAS_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp", "builtins")
+
+
+def _read_keras_config(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{path!r} is not a readable .keras file (a zip archive with a config.json): {e}"
+        ) from None
+
+
+def _unknown_classes(config):
+    """Serialized objects in `config` whose class neither keras nor a registration knows."""
+    known = keras.saving.get_custom_objects()
+    found, stack = [], [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        stack.extend(node.values())
+        if "class_name" not in node or "module" not in node:
+            continue
+        name = node.get("registered_name") or node["class_name"]
+        module = str(node.get("module") or "")
+        if name in known or module.split(".", 1)[0] in _KERAS_PACKAGES:
+            continue
+        found.append(f"{node['class_name']!r} (module {module!r}, registered name {name!r})")
+    return sorted(set(found))
+
+
+def load(path):
+    """Loads a `.keras` model with `safe_mode=True`, refusing unknown classes up front.
+
+    `keras.saving.load_model(path, safe_mode=True)` never runs code from the file (no
+    Python lambdas, no pickle), and fails on a class it cannot find, but its message for
+    a class nested in a kfusion model starts with an unrelated hint and a dump of the
+    whole configuration. `load` first reads the file's `config.json` as plain JSON and
+    lists every object whose class is neither a keras class nor a registered one (every
+    kfusion class is registered once `kfusion` is imported), then loads with
+    `safe_mode=True`.
+
+    Args:
+        path: path of a `.keras` file.
+
+    Returns:
+        The model (a `FusionModel`, an ensemble, any keras model).
+
+    Raises:
+        ValueError: when the file is not a `.keras` archive, or names classes that are
+            not registered (nothing from the file is run), or when keras' safe mode
+            refuses it (e.g. a `Lambda` layer holding Python code).
+
+    Example:
+
+    >>> import keras, os, tempfile
+    >>> import kfusion as kf
+    >>> model = kf.FusionModel(
+    ...     inputs=keras.Input((3,), name="x"), branches=[kf.branches.MLP(units=(4,))]
+    ... )
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.keras")
+    >>> model.save(path)
+    >>> type(kf.export.load(path)).__name__
+    'FusionModel'
+    """
+    path = os.fspath(path)
+    if not str(path).endswith(".keras"):
+        raise ValueError(f"`path` must name a .keras file. Received: path={path!r}")
+    unknown = _unknown_classes(_read_keras_config(path))
+    if unknown:
+        raise ValueError(
+            f"{path!r} names classes that are neither keras nor registered (kfusion "
+            f"registers its own): {', '.join(unknown)}. Nothing was loaded. Import the "
+            "package that defines them (with `@keras.saving.register_keras_serializable`) "
+            "if you trust the file."
+        )
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def _check_destination(path, fmt):
+    """Raises when `path` holds something an export must not replace (checked up front)."""
+    if not os.path.lexists(path):
+        return
+    if fmt == "saved_model":
+        if os.path.isdir(path) and not os.path.islink(path):
+            is_saved_model = os.path.exists(os.path.join(path, "saved_model.pb"))
+            if is_saved_model or not os.listdir(path):
+                return
+            raise FileExistsError(
+                f"{path!r} is a folder that is not a SavedModel; export will not replace "
+                "it. Choose a new path or remove the folder."
+            )
+        raise FileExistsError(
+            f"{path!r} exists and is not a folder; format='saved_model' writes a folder. "
+            "Choose a new path or remove the file."
+        )
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise IsADirectoryError(
+            f"{path!r} is a folder; format={fmt!r} writes a file. Choose a file path such as "
+            f"{os.path.join(path, 'model' + _SUFFIX[fmt])!r}."
+        )
+
+
 def export(model, path, format="saved_model", probe=None, atol=1e-4, rtol=1e-4):
     """Exports `model` to `path`, then reloads the export and checks its outputs.
 
@@ -263,7 +378,10 @@ def export(model, path, format="saved_model", probe=None, atol=1e-4, rtol=1e-4):
         The path written, as a string.
 
     Raises:
-        ValueError: for an unknown `format`.
+        ValueError: for an unknown `format`, or a model whose weights hold NaN or inf.
+        FileExistsError: when `path` is a file (`"saved_model"`) or a folder that is
+            not a SavedModel; IsADirectoryError when it is a folder for a file format.
+            Nothing is written.
         ExportVerificationError: when the reloaded export's outputs differ.
 
     Example:
@@ -281,7 +399,14 @@ def export(model, path, format="saved_model", probe=None, atol=1e-4, rtol=1e-4):
         raise ValueError(f"`format` must be one of {list(FORMATS)}. Received: format={format!r}")
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
+    bad = _first_non_finite(model.weights)
+    if bad is not None:
+        raise ValueError(
+            f"`model` has NaN or inf values in weight {bad!r} (did training diverge?): "
+            f"export refuses it and writes nothing. Received: model={model.name!r}"
+        )
     path = os.path.abspath(os.fspath(path))
+    _check_destination(path, fmt)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     if probe is None:

@@ -21,7 +21,19 @@ def _fresh_input(tensor, name):
             f"`inputs` must be a keras.Input or a dict of them. Received: {name}={tensor!r}"
         )
     dtype = keras.backend.standardize_dtype(tensor.dtype)
-    return keras.Input(shape=tuple(tensor.shape[1:]), dtype=dtype, name=name)
+    if not (dtype.startswith(("float", "bfloat", "int", "uint"))):
+        raise ValueError(
+            f"Input {name!r} has dtype {dtype}: FusionModel inputs hold numbers (float "
+            "features or images, integer token ids or images). "
+            f"Received: inputs[{name!r}] of dtype {dtype}"
+        )
+    shape = tuple(tensor.shape[1:])
+    if any(d is not None and d < 1 for d in shape):
+        raise ValueError(
+            f"Input {name!r} has a dimension of size 0: every dimension after the batch must "
+            f"be >= 1 or None. Received: inputs[{name!r}] of shape {(None,) + shape}"
+        )
+    return keras.Input(shape=shape, dtype=dtype, name=name)
 
 
 def _normalize_inputs(inputs):
@@ -47,7 +59,12 @@ def _normalize_inputs(inputs):
             if isinstance(value, dict):
                 if "shape" not in value:
                     raise ValueError(f"`inputs[{key!r}]` needs a 'shape'. Received: {value!r}")
-                value = keras.Input(shape=tuple(value["shape"]), dtype=value.get("dtype"))
+                try:
+                    value = keras.Input(shape=tuple(value["shape"]), dtype=value.get("dtype"))
+                except (ValueError, TypeError) as e:
+                    raise ValueError(
+                        f"`inputs[{key!r}]` is not a valid input spec: {e} Received: {value!r}"
+                    ) from None
             out[key] = _fresh_input(value, key)
         return out, False
     raise ValueError(
@@ -176,6 +193,7 @@ class FusionModel(keras.Model):
         **kwargs,
     ):
         single = kwargs.pop("single_input", None)
+        _check_model_kwargs(kwargs)
         fusion_units = _utils.check_int("fusion_units", fusion_units, allow_none=True)
         # === Inputs and branches ===
         input_map, is_single = _normalize_inputs(inputs)
@@ -190,19 +208,24 @@ class FusionModel(keras.Model):
             raise ValueError(
                 f"`fusion` must be a fusion name or a keras layer. Received: fusion={fusion!r}"
             )
-        if head is not None and not isinstance(head, keras.layers.Layer):
-            raise ValueError(f"`head` must be a kfusion head or None. Received: head={head!r}")
+        if head is not None and not _is_head(head):
+            raise ValueError(
+                "`head` must be a kfusion head (kf.heads.Classification(10), ...: a layer "
+                f"with `default_loss` and `default_metrics`) or None. Received: head={head!r}"
+            )
         for input_name, items in branch_map.items():
             tensor = input_map[input_name]
             for branch in items:
                 if hasattr(branch, "check_input"):
                     branch.check_input(tensor.shape, tensor.dtype, input_name=input_name)
+        _check_shared_branches(branch_map, input_map)
 
         # === Functional graph ===
-        features = []
+        features, owners = [], []
         for input_name, items in branch_map.items():
             for branch in items:
-                features.append(branch(input_map[input_name]))
+                features.append(_call_branch(branch, input_map[input_name], input_name))
+                owners.append(branch.name)
         fusion_layer = None
         if len(features) == 1:
             fused = features[0]
@@ -212,15 +235,15 @@ class FusionModel(keras.Model):
                 fusion_layer = _factory.make_fusion(fusion or "concat", widths, units=fusion_units)
             else:
                 fusion_layer = fusion
-            _check_feature_ranks(features, fusion_layer, unique, branch_map)
-            fused = fusion_layer(features)
+            _check_feature_ranks(features, fusion_layer, owners, fusion)
+            fused = _call_fusion(fusion_layer, features, fusion)
         if head is None:
             outputs = fused
         elif hasattr(head, "heads") and isinstance(head.heads, dict):
             # MultiTask: one output per task, each from its own named layer.
-            outputs = {task: sub(fused) for task, sub in head.heads.items()}
+            outputs = {task: _call_head(sub, fused) for task, sub in head.heads.items()}
         else:
-            outputs = head(fused)
+            outputs = _call_head(head, fused)
         model_inputs = input_map[names[0]] if is_single else input_map
         super().__init__(inputs=model_inputs, outputs=outputs, **kwargs)
 
@@ -278,14 +301,19 @@ class FusionModel(keras.Model):
     def check_data(self, x):
         """Raises `ValueError` naming the input and its expected shape when `x` can't fit.
 
-        Checks NumPy arrays and dicts of them (datasets and generators are left to keras).
+        Checks array data: NumPy arrays, nested lists, backend tensors, and lists or dicts
+        of them (datasets and generators are left to keras). For each input it checks the
+        name, the shape (batch first), that the values are numbers (integers for token
+        ids), that every input has the same number of rows, and, for NumPy token ids, that
+        each id is in `[0, vocab_size)` of every branch reading it (0 is padding).
 
         Args:
             x: the data passed to `fit`, `evaluate` or `predict`.
         """
         specs = {s["name"]: s for s in self.input_specs}
-        if x is None or not _is_array_like(x, allow_dict=True):
+        if x is None or not (isinstance(x, dict) or _is_array_like(x, allow_dict=False)):
             return
+        expected = ", ".join(f"{n!r} of shape {_shape_str(s)}" for n, s in specs.items())
         if self.single_input:
             (name,) = specs
             if isinstance(x, dict):
@@ -295,30 +323,46 @@ class FusionModel(keras.Model):
                         f"{_shape_str(specs[name])}; received a dict with keys {sorted(x)}."
                     )
                 x = x[name]
-            _check_array(name, x, specs[name])
-            return
-        if isinstance(x, (list, tuple)) and len(x) == len(specs):
-            x = dict(zip(specs, x))
-        if not isinstance(x, dict):
-            raise ValueError(
-                "This model has several inputs; pass a dict input name -> array. Expected: "
-                + ", ".join(f"{n!r} of shape {_shape_str(s)}" for n, s in specs.items())
-            )
-        missing = [n for n in specs if n not in x]
-        if missing:
-            raise ValueError(
-                f"Missing input(s) {missing}. Expected: "
-                + ", ".join(f"{n!r} of shape {_shape_str(s)}" for n, s in specs.items())
-                + f". Received keys: {sorted(x)}"
-            )
-        unknown = [n for n in x if n not in specs]
-        if unknown:
-            raise ValueError(
-                f"Unknown input name(s) {unknown}. This model's inputs are {list(specs)}."
-                + _factory.suggest(unknown[0], specs)
-            )
+            elif _is_array_list(x):
+                if len(x) != 1:
+                    raise ValueError(
+                        f"This model has one input {name!r} of shape "
+                        f"{_shape_str(specs[name])}; received a list of {len(x)} arrays."
+                    )
+                x = x[0]
+            x = {name: x}
+        else:
+            if isinstance(x, (list, tuple)) and len(x) == len(specs):
+                x = dict(zip(specs, x))
+            if not isinstance(x, dict):
+                raise ValueError(
+                    f"This model has several inputs; pass a dict input name -> array. "
+                    f"Expected: {expected}"
+                )
+            missing = [n for n in specs if n not in x]
+            if missing:
+                raise ValueError(
+                    f"Missing input(s) {missing}. Expected: {expected}. "
+                    f"Received keys: {sorted(map(str, x))}"
+                )
+            unknown = [n for n in x if n not in specs]
+            if unknown:
+                raise ValueError(
+                    f"Unknown input name(s) {unknown}. This model's inputs are {list(specs)}."
+                    + _factory.suggest(unknown[0], specs)
+                )
+        by_name = {layer.name: layer for layer in self.branch_layers}
+        rows = {}
         for name, spec in specs.items():
-            _check_array(name, x[name], spec)
+            shape = _check_array(name, x[name], spec)
+            for branch_name in self.branch_map[name]:
+                _check_for_branch(name, x[name], shape, by_name[branch_name])
+            rows[name] = shape[0] if shape else 0
+        if len(set(rows.values())) > 1:
+            raise ValueError(
+                "Every input needs the same number of rows (samples). Received: "
+                + ", ".join(f"{n!r} with {r} rows" for n, r in rows.items())
+            )
 
     # ------------------------------------------------------------------- config
     def get_config(self):
@@ -422,34 +466,161 @@ class FusionModel(keras.Model):
         return keras.Model(self.input, features, name=f"{self.name}_branch_features")
 
 
-def _check_feature_ranks(features, fusion_layer, unique, branch_map):
+# Keyword arguments FusionModel passes on to `keras.Model` (the functional constructor
+# silently drops any other, so a typo such as `fusoin=` would otherwise go unnoticed).
+_MODEL_KWARGS = ("name", "trainable")
+_ARGUMENTS = ("inputs", "branches", "fusion", "head", "fusion_units") + _MODEL_KWARGS
+
+
+def _check_model_kwargs(kwargs):
+    for key in kwargs:
+        if key not in _MODEL_KWARGS:
+            raise TypeError(
+                f"FusionModel got an unexpected keyword argument {key!r}."
+                f"{_factory.suggest(key, _ARGUMENTS)} Valid arguments: {list(_ARGUMENTS)}"
+            )
+
+
+def _is_head(head):
+    """A kfusion head: a layer with the head contract (`default_loss`, `default_metrics`)."""
+    return (
+        isinstance(head, keras.layers.Layer)
+        and callable(getattr(head, "default_loss", None))
+        and callable(getattr(head, "default_metrics", None))
+    )
+
+
+def _check_shared_branches(branch_map, input_map):
+    """One branch instance under several inputs needs inputs of one shape and dtype."""
+    first = {}
+    for input_name, items in branch_map.items():
+        tensor = input_map[input_name]
+        signature = (tuple(tensor.shape[1:]), keras.backend.standardize_dtype(tensor.dtype))
+        for branch in items:
+            seen = first.setdefault(id(branch), (input_name, signature))
+            if seen[1] != signature:
+                raise ValueError(
+                    f"Branch '{branch.name}' is shared by inputs {seen[0]!r} and "
+                    f"{input_name!r}, which differ: {seen[0]!r} is {_signature_str(seen[1])}, "
+                    f"{input_name!r} is {_signature_str(signature)}. A shared branch (one "
+                    "set of weights) needs inputs of one shape and dtype; give each input "
+                    "its own branch instance."
+                )
+
+
+def _signature_str(signature):
+    shape, dtype = signature
+    return f"{(None,) + shape} {dtype}"
+
+
+def _call_branch(branch, tensor, input_name):
+    try:
+        return branch(tensor)
+    except (ValueError, TypeError) as e:
+        raise _same_kind(e)(
+            f"Branch '{branch.name}' ({type(branch).__name__}) cannot take input "
+            f"{input_name!r} of shape {tuple(tensor.shape)}: {e}"
+        ) from e
+
+
+def _same_kind(error):
+    """ValueError or TypeError, as `error` is: the class a re-raise with context uses."""
+    return TypeError if isinstance(error, TypeError) else ValueError
+
+
+def _layer_str(layer):
+    return f"<{type(layer).__name__} name={layer.name}>"
+
+
+def _fusion_str(fusion, fusion_layer):
+    return repr(fusion) if isinstance(fusion, str) else _layer_str(fusion_layer)
+
+
+def _call_fusion(fusion_layer, features, fusion):
+    try:
+        return fusion_layer(features)
+    except (ValueError, TypeError) as e:
+        shapes = [tuple(f.shape) for f in features]
+        raise _same_kind(e)(
+            f"The fusion layer cannot fuse the branch features of shapes {shapes}: {e} "
+            f"Received: fusion={_fusion_str(fusion, fusion_layer)}"
+        ) from e
+
+
+def _call_head(head, fused):
+    try:
+        return head(fused)
+    except (ValueError, TypeError) as e:
+        raise _same_kind(e)(
+            f"The head cannot take the fused features of shape {tuple(fused.shape)}: {e} "
+            f"Received: head={_layer_str(head)}"
+        ) from e
+
+
+def _check_feature_ranks(features, fusion_layer, owners, fusion):
     token_level = type(fusion_layer).__name__ in ("CrossAttentionFusion", "FiLMFusion")
     if token_level:
         return
-    for feature in features:
+    for feature, owner in zip(features, owners):
         if len(feature.shape) != 2:
             raise ValueError(
-                f"Fusion {type(fusion_layer).__name__} takes one vector per branch, but a "
-                f"branch returns shape {tuple(feature.shape)}. Give the branch a pooling "
-                "mode (pooling='mean') or use fusion='cross_attention' for token-level "
-                "fusion."
+                f"This fusion takes one vector per branch, but branch '{owner}' returns shape "
+                f"{tuple(feature.shape)}. Give the branch a pooling mode (pooling='mean') or "
+                "use fusion='cross_attention' for token-level fusion. "
+                f"Received: fusion={_fusion_str(fusion, fusion_layer)}"
             )
 
 
 def _is_array_like(x, allow_dict):
     if isinstance(x, dict):
         return allow_dict and all(_is_array_like(v, False) for v in x.values())
-    if isinstance(x, (list, tuple)) and x and all(isinstance(v, np.ndarray) for v in x):
+    if _is_array_list(x):
         return True
     return isinstance(x, (np.ndarray, list)) or hasattr(x, "__array__")
+
+
+def _is_array_list(x):
+    """A list or tuple of arrays (one per input), as opposed to nested lists of numbers."""
+    return (
+        isinstance(x, (list, tuple))
+        and bool(x)
+        and all(isinstance(v, np.ndarray) or hasattr(v, "__array__") for v in x)
+    )
 
 
 def _shape_str(spec):
     return str((None,) + tuple(spec["shape"]))
 
 
+def _dtype_name(array):
+    """The dtype of `array` as a string (NumPy, backend tensors, nested lists)."""
+    dtype = getattr(array, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(array).dtype
+    if isinstance(dtype, np.dtype):
+        if dtype.kind in "biuf":
+            return str(dtype)
+        return f"{dtype} (not numbers)"
+    try:
+        return keras.backend.standardize_dtype(dtype)
+    except (ValueError, TypeError):
+        return f"{dtype} (not numbers)"
+
+
 def _check_array(name, array, spec):
-    shape = np.shape(array)
+    """Checks one input's array against its spec; returns its shape."""
+    if array is None or isinstance(array, (str, bytes)) or not _is_array_like(array, False):
+        raise ValueError(
+            f"Input {name!r} expects an array of shape {_shape_str(spec)} (batch first). "
+            f"Received: {type(array).__name__}."
+        )
+    try:
+        shape = tuple(np.shape(array))
+    except ValueError as e:
+        raise ValueError(
+            f"Input {name!r} expects an array of shape {_shape_str(spec)} (batch first), "
+            f"but its rows could not be read as one array ({e})."
+        ) from None
     expected = [None] + list(spec["shape"])
     ok = len(shape) == len(expected) and all(
         e is None or e == s for e, s in zip(expected[1:], shape[1:])
@@ -457,12 +628,48 @@ def _check_array(name, array, spec):
     if not ok:
         raise ValueError(
             f"Input {name!r} expects arrays of shape {_shape_str(spec)} (batch first). "
-            f"Received shape {tuple(shape)}."
+            f"Received shape {shape}."
         )
-    dtype = getattr(array, "dtype", None)
-    if dtype is not None and is_integer_dtype(spec["dtype"]):
-        if not np.issubdtype(np.dtype(dtype), np.integer):
+    dtype = _dtype_name(array)
+    integer = dtype.startswith(("int", "uint"))
+    if is_integer_dtype(spec["dtype"]):
+        if not integer:
             raise ValueError(
                 f"Input {name!r} expects integer token ids ({spec['dtype']}) of shape "
-                f"{_shape_str(spec)}. Received dtype {np.dtype(dtype)}."
+                f"{_shape_str(spec)}. Received dtype {dtype}."
+            )
+    elif not (integer or dtype.startswith(("float", "bfloat", "bool"))):
+        raise ValueError(
+            f"Input {name!r} expects numbers ({spec['dtype']}) of shape {_shape_str(spec)}. "
+            f"Received dtype {dtype}."
+        )
+    return shape
+
+
+def _check_for_branch(name, array, shape, branch):
+    """Checks what one branch needs of its input's data.
+
+    Token ids below its `vocab_size`; no more steps (or image patches) than its position
+    table holds (`max_length`).
+    """
+    max_length = getattr(branch, "max_length", None)
+    if max_length is not None and len(shape) in (2, 3, 4):
+        if len(shape) == 4:
+            ph, pw = getattr(branch, "patch_size", (1, 1))
+            steps, what = (shape[1] // ph) * (shape[2] // pw), "image patches"
+        else:
+            steps, what = shape[1], "steps"
+        if steps > max_length:
+            raise ValueError(
+                f"Input {name!r} has {steps} {what}, more than branch '{branch.name}' takes "
+                f"(max_length={max_length}). Received shape {shape}."
+            )
+    vocab = getattr(branch, "vocab_size", None)
+    if vocab is not None and isinstance(array, (np.ndarray, list)) and np.size(array):
+        low, high = int(np.min(array)), int(np.max(array))
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"Input {name!r} holds token id {bad}, outside [0, {vocab}): branch "
+                f"'{branch.name}' has vocab_size={vocab} (ids 1..{vocab - 1}; 0 is padding)."
             )

@@ -1,0 +1,109 @@
+import math
+
+import keras
+import numpy as np
+
+from kfusion.layers import _utils
+
+
+def _as_float(value):
+    """A logged value (Python number, NumPy or backend scalar) as a Python float."""
+    return float(np.asarray(keras.ops.convert_to_numpy(value), dtype="float64").reshape(-1)[0])
+
+
+def _first_non_finite(variables):
+    """The path of the first floating-point variable holding NaN or inf, or None."""
+    for variable in variables:
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        if not dtype.startswith(("float", "bfloat")):
+            continue
+        value = keras.ops.convert_to_numpy(keras.ops.cast(variable, "float32"))
+        if not np.all(np.isfinite(value)):
+            return getattr(variable, "path", None) or variable.name
+    return None
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops training with a clear error the moment the loss is NaN or infinite.
+
+    Keras' `TerminateOnNaN` only sets `model.stop_training` by default, and the fit loop
+    still ends the epoch: every `on_epoch_end` runs, so a `ModelCheckpoint` or
+    `BackupAndRestore` listed with it saves the diverged (NaN) weights over the last good
+    checkpoint. This callback raises `FloatingPointError` instead, from the batch whose
+    logged loss is not finite (`not isfinite(loss)`), naming the epoch, the batch and the
+    value. `fit` aborts there, before any `on_epoch_end`, so the checkpoints written by
+    earlier epochs stay as they were.
+
+    With `check_weights=True` it also checks, at the end of each epoch, that every
+    floating-point weight of the model is finite (a step can return a finite loss and
+    still produce non-finite weights, which the next batch's loss would only show after
+    this epoch's checkpoint).
+
+    Keras runs callbacks in list order: put this one before any checkpoint callback
+    (`callbacks=[kf.callbacks.StopOnNaN(), keras.callbacks.ModelCheckpoint(...)]`).
+    `kfusion train` does.
+
+    Args:
+        monitor: str, the logged value to watch. Defaults to `"loss"`.
+        check_weights: bool, also check the weights at the end of every epoch.
+            Defaults to True.
+
+    Raises:
+        FloatingPointError: from `fit`, when the monitored value is NaN or infinite
+            after a batch, or (with `check_weights`) a weight is at the end of an epoch.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import kfusion as kf
+    >>> model = kf.FusionModel(
+    ...     inputs=keras.Input((3,), name="x"),
+    ...     branches=[kf.branches.MLP(units=(4,))],
+    ...     head=kf.heads.Regression(),
+    ... )
+    >>> model.compile(optimizer="sgd")
+    >>> x = np.ones((8, 3), "float32")
+    >>> y = np.full((8, 1), np.nan, "float32")  # a NaN label
+    >>> model.fit(x, y, batch_size=4, verbose=0, callbacks=[kf.callbacks.StopOnNaN()])
+    Traceback (most recent call last):
+        ...
+    FloatingPointError: Training stopped in epoch 1 at batch 1: loss is nan. ...
+    """
+
+    def __init__(self, monitor="loss", check_weights=True):
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(
+                f"`monitor` must be the name of a logged value. Received: monitor={monitor!r}"
+            )
+        self.monitor = monitor
+        self.check_weights = _utils.check_bool("check_weights", check_weights)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        value = _as_float(value)
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"Training stopped in epoch {self.epoch + 1} at batch {batch + 1}: "
+                f"{self.monitor} is {value}. fit was aborted before this epoch's "
+                "checkpoints, so earlier ones are intact. Common causes: a learning rate "
+                "too high, NaN or inf values in the inputs or labels."
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.check_weights:
+            return
+        path = _first_non_finite(self.model.weights)
+        if path is not None:
+            raise FloatingPointError(
+                f"Training stopped at the end of epoch {epoch + 1}: weight {path!r} holds "
+                "NaN or inf values. fit was aborted before this epoch's checkpoints, so "
+                "earlier ones are intact. Common causes: a learning rate too high, NaN or "
+                "inf values in the inputs or labels."
+            )
