@@ -513,19 +513,21 @@ def _signature_str(signature):
     return f"{(None,) + shape} {dtype}"
 
 
-def _call_branch(branch, tensor, input_name):
+def _call_in_context(layer, x, context, received=""):
+    """`layer(x)`; a ValueError/TypeError is re-raised (same class) with `context` first."""
     try:
-        return branch(tensor)
+        return layer(x)
     except (ValueError, TypeError) as e:
-        raise _same_kind(e)(
-            f"Branch '{branch.name}' ({type(branch).__name__}) cannot take input "
-            f"{input_name!r} of shape {tuple(tensor.shape)}: {e}"
-        ) from e
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise kind(f"{context}: {e}{received}") from e
 
 
-def _same_kind(error):
-    """ValueError or TypeError, as `error` is: the class a re-raise with context uses."""
-    return TypeError if isinstance(error, TypeError) else ValueError
+def _call_branch(branch, tensor, input_name):
+    context = (
+        f"Branch '{branch.name}' ({type(branch).__name__}) cannot take input "
+        f"{input_name!r} of shape {tuple(tensor.shape)}"
+    )
+    return _call_in_context(branch, tensor, context)
 
 
 def _layer_str(layer):
@@ -537,24 +539,15 @@ def _fusion_str(fusion, fusion_layer):
 
 
 def _call_fusion(fusion_layer, features, fusion):
-    try:
-        return fusion_layer(features)
-    except (ValueError, TypeError) as e:
-        shapes = [tuple(f.shape) for f in features]
-        raise _same_kind(e)(
-            f"The fusion layer cannot fuse the branch features of shapes {shapes}: {e} "
-            f"Received: fusion={_fusion_str(fusion, fusion_layer)}"
-        ) from e
+    shapes = [tuple(f.shape) for f in features]
+    context = f"The fusion layer cannot fuse the branch features of shapes {shapes}"
+    received = f" Received: fusion={_fusion_str(fusion, fusion_layer)}"
+    return _call_in_context(fusion_layer, features, context, received)
 
 
 def _call_head(head, fused):
-    try:
-        return head(fused)
-    except (ValueError, TypeError) as e:
-        raise _same_kind(e)(
-            f"The head cannot take the fused features of shape {tuple(fused.shape)}: {e} "
-            f"Received: head={_layer_str(head)}"
-        ) from e
+    context = f"The head cannot take the fused features of shape {tuple(fused.shape)}"
+    return _call_in_context(head, fused, context, f" Received: head={_layer_str(head)}")
 
 
 def _check_feature_ranks(features, fusion_layer, owners, fusion):
