@@ -102,7 +102,8 @@ def PositionAdd(length):  # noqa: N802 - reads like a layer
     return _position_add_class()(length)
 
 
-def torch_model():
+def torch_model(branches=("cnn", "rnn", "transformer")):
+    """The network in plain PyTorch; `branches` picks a subset (each alone: its own head)."""
     import torch
     from torch import nn
 
@@ -122,25 +123,45 @@ def torch_model():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c1 = nn.Conv1d(F, 64, 3, padding=1)
-            self.c2 = nn.Conv1d(64, 64, 3, padding=1)
-            self.lstm = nn.LSTM(F, 64, batch_first=True)
-            self.proj = nn.Linear(F, 64)
-            self.pos = nn.Parameter(torch.zeros(T, 64))
-            self.blocks = nn.ModuleList([Block(), Block()])
-            self.norm = nn.LayerNorm(64, eps=1e-6)
-            self.head = nn.Linear(192, CLASSES)
+            if "cnn" in branches:
+                self.c1 = nn.Conv1d(F, 64, 3, padding=1)
+                self.c2 = nn.Conv1d(64, 64, 3, padding=1)
+            if "rnn" in branches:
+                self.lstm = nn.LSTM(F, 64, batch_first=True)
+            if "transformer" in branches:
+                self.proj = nn.Linear(F, 64)
+                self.pos = nn.Parameter(torch.zeros(T, 64))
+                self.blocks = nn.ModuleList([Block(), Block()])
+                self.norm = nn.LayerNorm(64, eps=1e-6)
+            self.head = nn.Linear(64 * len(branches), CLASSES)
 
         def forward(self, x):
-            c = torch.relu(self.c2(torch.relu(self.c1(x.transpose(1, 2))))).mean(-1)
-            r = self.lstm(x)[0][:, -1]
-            t = self.proj(x) + self.pos
-            for b in self.blocks:
-                t = b(t)
-            t = self.norm(t).mean(1)
-            return self.head(torch.cat([c, r, t], -1))
+            features = []
+            if "cnn" in branches:
+                c = torch.relu(self.c2(torch.relu(self.c1(x.transpose(1, 2)))))
+                features.append(c.mean(-1))
+            if "rnn" in branches:
+                features.append(self.lstm(x)[0][:, -1])
+            if "transformer" in branches:
+                t = self.proj(x) + self.pos
+                for b in self.blocks:
+                    t = b(t)
+                features.append(self.norm(t).mean(1))
+            return self.head(torch.cat(features, -1))
 
     return Net()
+
+
+def hand_branch_model(branch):
+    """One branch of `hand_model` alone, with its own Dense head (for the per-branch table)."""
+    import keras
+
+    model = hand_model()
+    index = {"cnn": 0, "rnn": 1, "transformer": 2}[branch]
+    concat = next(layer for layer in model.layers if isinstance(layer, keras.layers.Concatenate))
+    feature = concat.input[index]
+    out = keras.layers.Dense(CLASSES, activation="softmax")(feature)
+    return keras.Model(model.input, out)
 
 
 # ---------------------------------------------------------------------------- timing
@@ -166,11 +187,11 @@ def keras_stepper(model, x, y, jit_compile="auto"):
     return run
 
 
-def torch_stepper(x, y, compile_model=False):
+def torch_stepper(x, y, compile_model=False, branches=("cnn", "rnn", "transformer")):
     import torch
 
     torch.manual_seed(0)
-    net = torch_model()
+    net = torch_model(branches)
     if compile_model:
         net = torch.compile(net)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
@@ -305,6 +326,24 @@ def section_torch(rounds, steps):
     return result
 
 
+def section_torch_branches(rounds, steps):
+    """Each branch alone (plain Keras on TensorFlow vs plain PyTorch): where the time goes."""
+    x, y = data()
+    result = {}
+    for branch in ("cnn", "rnn", "transformer"):
+        runners = {
+            "keras": keras_stepper(hand_branch_model(branch), x, y),
+            "torch": torch_stepper(x, y, branches=(branch,)),
+        }
+        times = summarise(interleave(runners, rounds, steps), "torch")
+        result[f"{branch}: keras (TensorFlow) / PyTorch eager"] = {
+            "median_ms": times["keras"]["median_ms"],
+            "torch_ms": times["torch"]["median_ms"],
+            "ratio": times["keras"]["ratio"],
+        }
+    return result
+
+
 def section_backends(rounds, steps):
     """Each backend in its own process (a backend is fixed per process)."""
     results = {}
@@ -412,6 +451,7 @@ def main():
     sections = {
         "overhead": section_overhead(rounds, steps),
         "vs_pytorch": section_torch(rounds, steps),
+        "vs_pytorch_branches": section_torch_branches(rounds, steps),
         "fusion_kinds": section_fusions(rounds, steps),
         "pipeline": section_pipeline(rounds, steps),
         "backends": section_backends(rounds, steps),
@@ -448,6 +488,11 @@ Written by `python benchmarks/run.py` on {datetime.date.today().isoformat()}.
 
 {table(sections["vs_pytorch"])}
 {sections["vs_pytorch"].get("note", "")}
+
+Each branch alone, plain Keras on TensorFlow vs plain PyTorch eager (step time ratio; above 1
+means PyTorch is faster):
+
+{table(sections["vs_pytorch_branches"], cols=("median_ms", "torch_ms", "ratio"))}
 
 ## Fusion kinds: step time relative to concat (target <= 1.05 for attention and gated)
 
