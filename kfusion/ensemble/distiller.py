@@ -6,6 +6,7 @@ from keras import ops
 
 from kfusion.ensemble import _common
 from kfusion.layers import _utils
+from kfusion.models.fusion_model import restore_compiled_state
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -152,10 +153,7 @@ class Distiller(keras.Model):
 
     def compile_from_config(self, config):
         """Restores the compiled state saved in a `.keras` file."""
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if getattr(self, "optimizer", None) is not None and self.built:
-            self.optimizer.build(self.trainable_variables)
+        restore_compiled_state(self, config)
 
     def distillation_loss(self, teacher_pred, student_pred):
         """Per-sample `KL(q^T_teacher || q^T_student)` (float32, shape `(batch,)`)."""

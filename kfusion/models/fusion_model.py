@@ -278,10 +278,7 @@ class FusionModel(keras.Model):
 
     def compile_from_config(self, config):
         """Restores the compiled state saved in a `.keras` file (loss, metrics, optimizer)."""
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if getattr(self, "optimizer", None) is not None and self.built:
-            self.optimizer.build(self.trainable_variables)
+        restore_compiled_state(self, config)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`, after checking `x` against the model's inputs."""
@@ -464,6 +461,18 @@ class FusionModel(keras.Model):
         else:
             features = keras.tree.flatten(self.outputs)
         return keras.Model(self.input, features, name=f"{self.name}_branch_features")
+
+
+def restore_compiled_state(model, config):
+    """`compile_from_config` for kfusion models whose `compile` fills in head defaults.
+
+    Compiles `model` with the saved arguments (through its own `compile`) and builds the
+    optimizer, so the optimizer variables saved in the file have somewhere to load.
+    """
+    config = keras.saving.deserialize_keras_object(config)
+    model.compile(**config)
+    if getattr(model, "optimizer", None) is not None and model.built:
+        model.optimizer.build(model.trainable_variables)
 
 
 # Keyword arguments FusionModel passes on to `keras.Model` (the functional constructor

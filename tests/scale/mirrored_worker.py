@@ -24,22 +24,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kfusion as kf  # noqa: E402
+from tests.scale.models import small_fusion_model as build  # noqa: E402
 
 GLOBAL_BATCH = 16
-
-
-def build():
-    # No dropout anywhere (every default rate is 0): both runs must see the same function.
-    return kf.FusionModel(
-        inputs=keras.Input((8, 3), name="signal"),
-        branches=[
-            kf.branches.CNN(filters=(8,), kernel_size=3),
-            kf.branches.RNN(units=8, cell="gru"),
-            kf.branches.Transformer(dim=8, depth=1, num_heads=2),
-        ],
-        fusion="gated",
-        head=kf.heads.Classification(3),
-    )
 
 
 def main(out_path):

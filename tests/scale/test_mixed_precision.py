@@ -16,6 +16,7 @@ import pytest
 import kfusion as kf
 from kfusion.heads._base import BaseHead
 from tests.ensemble import ensemble_data
+from tests.scale.models import small_fusion_model as fusion_model
 
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
 
@@ -127,19 +128,6 @@ def check_float32_predictions(model, x):
 
 
 # ---------------------------------------------------------------------- FusionModel
-def fusion_model():
-    return kf.FusionModel(
-        inputs=keras.Input((8, 3), name="signal"),
-        branches=[
-            kf.branches.CNN(filters=(8,), kernel_size=3),
-            kf.branches.RNN(units=8, cell="gru"),
-            kf.branches.Transformer(dim=8, depth=1, num_heads=2),
-        ],
-        fusion="gated",
-        head=kf.heads.Classification(3),
-    )
-
-
 @parametrize_policies
 def test_fusion_model_trains(sequences, policy, rng):
     x, y = sequences
