@@ -390,10 +390,7 @@ def cmd_train(args):
     label = train.get("label", "y")
     x, y = _load_data(args.data, model_spec, label)
     out = os.path.abspath(args.out)
-    _check_writable_dir(out)
     backup_dir = os.path.join(out, "backup")
-    if not args.resume and os.path.isdir(backup_dir):
-        shutil.rmtree(backup_dir)
 
     import keras
 
@@ -423,9 +420,13 @@ def cmd_train(args):
     epochs = int(train.get("epochs", 10))
     features = x if len(x) > 1 else next(iter(x.values()))
     try:
-        model.check_data(features)
+        model.check_data(features, y)
     except ValueError as e:
         raise UserError(f"data {args.data}: {e}") from None
+    # Only now, with the spec and the data accepted, is the output folder touched.
+    _check_writable_dir(out)
+    if not args.resume and os.path.isdir(backup_dir):
+        shutil.rmtree(backup_dir)
     callbacks = [
         # First: a NaN loss aborts fit before the checkpoint callbacks save that state.
         StopOnNaN(),

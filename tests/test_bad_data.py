@@ -154,6 +154,67 @@ def test_single_input_model_data_errors():
         model.predict([[[0.0] * 3] * 6, [[0.0] * 3] * 5], verbose=0)
 
 
+# ---------------------------------------------------------------------------- labels
+def _first_row(y, value):
+    y = y.astype("float32")
+    y[0] = value
+    return y
+
+
+# Each case: how the labels are wrong, and the fragments the message must hold.
+BAD_LABELS = {
+    "class id too large": (lambda y: _first_row(y, 3), ["num_classes=3", "[0, 3)", "to 3"]),
+    "negative class id": (lambda y: _first_row(y, -1), ["[0, 3)", "from -1"]),
+    "fractional class id": (lambda y: _first_row(y, 0.5), ["whole class ids"]),
+    "one-hot labels": (lambda y: np.eye(3)[y], ["(batch,)", "(8, 3)", "argmax"]),
+    "NaN label": (lambda y: _first_row(y, np.nan), ["finite", "1 of 8"]),
+    "strings": (lambda y: y.astype(str), ["must be numbers", "(8,)"]),
+}
+
+
+@pytest.mark.parametrize("method", ["fit", "evaluate"])
+@pytest.mark.parametrize("case", sorted(BAD_LABELS))
+def test_bad_labels_name_the_head_and_the_expected_values(compiled, case, method):
+    corrupt, fragments = BAD_LABELS[case]
+    x, y = _data()
+    with pytest.raises(ValueError) as info:
+        _call(compiled, method, x, corrupt(y))
+    message = str(info.value)
+    for fragment in ["labels y", f"'{compiled.head.name}'", *fragments]:
+        assert fragment in message, message
+
+
+def test_label_checks_of_every_head():
+    binary = kf.heads.Classification(2, name="binary")
+    binary.check_labels(np.array([0, 1, 1]))
+    binary.check_labels([[0.2], [0.9]])  # soft targets
+    with pytest.raises(ValueError, match=r"'binary' \(Classification\).*\[0, 1\].*to 2"):
+        binary.check_labels(np.array([0, 2]))
+    tags = kf.heads.MultiLabel(4, name="tags")
+    tags.check_labels(np.eye(4))
+    with pytest.raises(ValueError, match=r"'tags' \(MultiLabel\).*from -1"):
+        tags.check_labels(-np.eye(4))
+    kf.heads.Regression().check_labels(np.array([-3.0, 1e6]))
+    with pytest.raises(ValueError, match="finite; 1 of 2"):
+        kf.heads.Regression().check_labels(np.array([1.0, np.inf]))
+    multi = kf.heads.MultiTask(
+        {"label": kf.heads.Classification(3), "score": kf.heads.Regression()}
+    )
+    multi.check_labels({"label": np.array([0, 2]), "score": np.ones((2, 1))})
+    with pytest.raises(ValueError, match=r"labels y\['label'\].*\[0, 3\)"):
+        multi.check_labels({"label": np.array([0, 5]), "score": np.ones((2, 1))})
+
+
+def test_labels_for_a_loss_of_ones_own_are_left_to_it():
+    # With an explicit loss the head's label contract does not apply: one-hot labels for
+    # categorical cross-entropy train.
+    x, y = _data()
+    model = _model()
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, np.eye(3)[y], epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
 # ---------------------------------------------------------------------------- NaN guard
 def _vector_model():
     return kf.FusionModel(
@@ -217,7 +278,7 @@ def test_stop_on_nan_from_a_nan_label_and_its_arguments():
     x, y = _vectors()
     y[-1] = np.nan
     model = _vector_model()
-    model.compile(optimizer="sgd")
+    model.compile(optimizer="sgd", loss="mse")  # the head's own loss would refuse NaN labels
     with pytest.raises(FloatingPointError, match="epoch 1 at batch 4: loss is nan"):
         model.fit(
             x, y, batch_size=4, shuffle=False, verbose=0, callbacks=[kf.callbacks.StopOnNaN()]
@@ -288,6 +349,7 @@ def test_cli_train_stops_on_nan_and_keeps_earlier_files(tmp_path):
         "head": {"type": "Regression"},
         "epochs": 2,
         "batch_size": 8,
+        "loss": "mse",  # the head's own loss would refuse the NaN label before training
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")

@@ -206,6 +206,10 @@ def test_data_names_and_shapes_must_match(tmp_path, spec_and_data, capsys):
     np.savez(wrong_shape, signal=np.zeros((4, 10, 3)), table=np.zeros((4, 4)), y=np.zeros(4))
     result = kfusion_here(capsys, "train", spec, "--data", wrong_shape, "--out", tmp_path / "o")
     assert_user_error(result, "'signal'", "(None, 12, 3)")
+    wrong_label = tmp_path / "labels.npz"
+    np.savez(wrong_label, signal=np.zeros((4, 12, 3)), table=np.zeros((4, 4)), y=np.arange(4) + 1)
+    result = kfusion_here(capsys, "train", spec, "--data", wrong_label, "--out", tmp_path / "o")
+    assert_user_error(result, "labels y", "[0, 1]", "from 1 to 4")
     assert not (tmp_path / "o").exists()
 
 

@@ -12,9 +12,13 @@ Subclasses pass `output_units` to `BaseHead.__init__` and implement:
 - `_activate(logits)`: the final activation on float32 logits (identity for logits/regression).
 - `default_loss()`: a fresh keras loss object for this head.
 - `default_metrics()`: a list of fresh keras metric objects for this head.
+- `_check_label_values(y, name)` (optional): raise `ValueError` when the NumPy labels `y`
+  can't be targets of `default_loss()`; `check_labels` has already checked they are finite
+  numbers.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from kfusion.layers import _utils
@@ -90,12 +94,52 @@ class BaseHead(keras.layers.Layer):
     def default_metrics(self):
         raise NotImplementedError
 
+    def check_labels(self, y, name="y"):
+        """Raises `ValueError` naming `name` when labels can't be `default_loss()` targets.
+
+        Checks NumPy arrays and nested lists (datasets and backend tensors are left to
+        keras): the labels must be finite numbers, and each head checks their values (class
+        ids in range for `Classification`, values in [0, 1] for `MultiLabel`).
+
+        Args:
+            y: the labels passed to `fit` or `evaluate`.
+            name: how the error message names them.
+        """
+        if not isinstance(y, (np.ndarray, list)):
+            return
+        y = np.asarray(y)
+        if y.dtype.kind not in "biuf":
+            raise ValueError(
+                f"The labels {name} for head '{self.name}' must be numbers. "
+                f"Received an array of dtype {y.dtype} and shape {y.shape}."
+            )
+        if y.dtype.kind == "f" and not np.isfinite(y).all():
+            raise ValueError(
+                f"The labels {name} for head '{self.name}' must be finite; "
+                f"{int((~np.isfinite(y)).sum())} of {y.size} are NaN or infinite."
+            )
+        if y.size:
+            self._check_label_values(y, name)
+
+    def _check_label_values(self, y, name):
+        return None
+
     def get_config(self):
         return {
             **super().get_config(),
             "hidden_units": list(self.hidden_units),
             "dropout": self.dropout,
         }
+
+
+def check_unit_interval(y, name, head):
+    """Raises `ValueError` unless every label in `y` is in [0, 1] (0/1 or soft targets)."""
+    low, high = y.min(), y.max()
+    if low < 0 or high > 1:
+        raise ValueError(
+            f"The labels {name} for head '{head.name}' ({type(head).__name__}) must be in "
+            f"[0, 1] (0/1 or soft targets). Received values from {low} to {high}."
+        )
 
 
 @keras.saving.register_keras_serializable(package="kfusion")

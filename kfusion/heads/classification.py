@@ -1,6 +1,11 @@
 import keras
+import numpy as np
 
-from kfusion.heads._base import BaseHead, SparseCategoricalCrossentropyWithSmoothing
+from kfusion.heads._base import (
+    BaseHead,
+    SparseCategoricalCrossentropyWithSmoothing,
+    check_unit_interval,
+)
 from kfusion.layers import _utils
 
 
@@ -101,6 +106,25 @@ class Classification(BaseHead):
                 from_logits=self.from_logits, label_smoothing=self.label_smoothing
             )
         return keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)
+
+    def _check_label_values(self, y, name):
+        if self.binary:
+            check_unit_interval(y, name, self)
+            return
+        if y.ndim > 2 or (y.ndim == 2 and y.shape[-1] != 1):
+            raise ValueError(
+                f"The labels {name} for head '{self.name}' (Classification, "
+                f"num_classes={self.num_classes}) must be class ids of shape (batch,) or "
+                f"(batch, 1). Received shape {y.shape}; for one-hot labels pass "
+                f"`{name}.argmax(-1)`."
+            )
+        low, high = y.min(), y.max()
+        if low < 0 or high >= self.num_classes or (y != np.round(y)).any():
+            raise ValueError(
+                f"The labels {name} for head '{self.name}' (Classification, "
+                f"num_classes={self.num_classes}) must be whole class ids in "
+                f"[0, {self.num_classes}). Received values from {low} to {high}."
+            )
 
     def default_metrics(self):
         """Fresh metric objects: `[accuracy]` matched to the output (binary or sparse)."""

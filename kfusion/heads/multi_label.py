@@ -3,7 +3,7 @@ import numbers
 
 import keras
 
-from kfusion.heads._base import BaseHead
+from kfusion.heads._base import BaseHead, check_unit_interval
 from kfusion.layers import _utils
 
 
@@ -95,6 +95,9 @@ class MultiLabel(BaseHead):
         return keras.losses.BinaryCrossentropy(
             from_logits=self.from_logits, label_smoothing=self.label_smoothing
         )
+
+    def _check_label_values(self, y, name):
+        check_unit_interval(y, name, self)
 
     def default_metrics(self):
         """Fresh metric objects: binary accuracy at `threshold` and multi-label AUC."""

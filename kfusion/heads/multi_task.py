@@ -82,6 +82,18 @@ class MultiTask(keras.layers.Layer):
         """A dict task name -> fresh default metrics (a list) of that task's head."""
         return {name: head.default_metrics() for name, head in self.heads.items()}
 
+    def check_labels(self, y, name="y"):
+        """Checks a dict of labels task by task with each task head's `check_labels`.
+
+        Args:
+            y: the labels passed to `fit` or `evaluate`: a dict task name -> labels.
+            name: how the error message names them.
+        """
+        if isinstance(y, dict):
+            for task, labels in y.items():
+                if task in self.heads:
+                    self.heads[task].check_labels(labels, f"{name}[{task!r}]")
+
     def get_config(self):
         return {
             **super().get_config(),

@@ -270,7 +270,9 @@ class FusionModel(keras.Model):
             metrics: as in `keras.Model.compile`; None takes `head.default_metrics()`.
             **kwargs: other `keras.Model.compile` arguments (`jit_compile`, ...).
         """
-        if loss is None and self.head is not None:
+        # Labels are checked against the head only when they feed the head's own loss.
+        self._check_labels = loss is None and self.head is not None
+        if self._check_labels:
             loss = self.head.default_loss()
         if metrics is None and self.head is not None:
             metrics = self.head.default_metrics()
@@ -281,13 +283,17 @@ class FusionModel(keras.Model):
         restore_compiled_state(self, config)
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.fit`, after checking `x` against the model's inputs."""
-        self.check_data(x)
+        """`keras.Model.fit`, after checking `x` against the model's inputs.
+
+        With the head's default loss (`compile(loss=None)`), NumPy labels `y` are checked
+        by the head too (finite; class ids in range; multi-label values in [0, 1]).
+        """
+        self.check_data(x, y)
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        """`keras.Model.evaluate`, after checking `x` against the model's inputs."""
-        self.check_data(x)
+        """`keras.Model.evaluate`, after checking `x` (and `y`, as in `fit`)."""
+        self.check_data(x, y)
         return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
@@ -295,7 +301,7 @@ class FusionModel(keras.Model):
         self.check_data(x)
         return super().predict(x, *args, **kwargs)
 
-    def check_data(self, x):
+    def check_data(self, x, y=None):
         """Raises `ValueError` naming the input and its expected shape when `x` can't fit.
 
         Checks array data: NumPy arrays, nested lists, backend tensors, and lists or dicts
@@ -306,7 +312,13 @@ class FusionModel(keras.Model):
 
         Args:
             x: the data passed to `fit`, `evaluate` or `predict`.
+            y: the labels, or None. Checked by the head (`head.check_labels`) when the
+                model was compiled with the head's default loss.
         """
+        if y is not None and getattr(self, "_check_labels", False):
+            check_labels = getattr(self.head, "check_labels", None)
+            if check_labels is not None:
+                check_labels(y)
         specs = {s["name"]: s for s in self.input_specs}
         if x is None or not (isinstance(x, dict) or _is_array_like(x, allow_dict=False)):
             return
