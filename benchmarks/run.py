@@ -1,7 +1,8 @@
 """kfusion benchmarks: one command, rewrites benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # all sections (several minutes on 2 cores)
+    python benchmarks/run.py            # all sections (about 20 minutes on 2 cores)
     python benchmarks/run.py --quick    # fewer rounds, for a smoke run
+    python benchmarks/run.py --render   # RESULTS.md again from results.json and NOTES.md
 
 Method: every comparison interleaves its contenders (A, B, A, B, ...) over several rounds,
 each round timing a fixed number of training steps after a warm-up, so drift on a shared
@@ -11,6 +12,7 @@ ratio of medians. Timings live here, never in the test suite.
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -37,18 +39,21 @@ def data(n=BATCH * 8, seed=0):
 
 
 # ---------------------------------------------------------------------------- models
-def kfusion_model(fusion="concat"):
+def kfusion_model(fusion="concat", branches=("cnn", "rnn", "transformer")):
     import keras
 
     import kfusion as kf
 
+    make = {
+        "cnn": lambda: kf.branches.CNN(filters=(64, 64), kernel_size=3),
+        "rnn": lambda: kf.branches.RNN(units=64, cell="lstm"),
+        "transformer": lambda: kf.branches.Transformer(
+            dim=64, depth=2, num_heads=4, intermediate_dim=128
+        ),
+    }
     return kf.FusionModel(
         inputs=keras.Input((T, F), name="signal"),
-        branches=[
-            kf.branches.CNN(filters=(64, 64), kernel_size=3),
-            kf.branches.RNN(units=64, cell="lstm"),
-            kf.branches.Transformer(dim=64, depth=2, num_heads=4, intermediate_dim=128),
-        ],
+        branches=[make[b]() for b in branches],
         fusion=fusion,
         head=kf.heads.Classification(CLASSES),
     )
@@ -165,6 +170,23 @@ def hand_branch_model(branch):
 
 
 # ---------------------------------------------------------------------------- timing
+def timed(fn, calls):
+    """Seconds per call of `fn()` over `calls` calls, with garbage collection kept out.
+
+    As `timeit` does: one full collection before, none during. With TensorFlow loaded a full
+    collection takes about a second, and would otherwise land on whichever round it falls in.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+    finally:
+        gc.enable()
+
+
 def keras_stepper(model, x, y, jit_compile="auto"):
     import keras
 
@@ -173,16 +195,17 @@ def keras_stepper(model, x, y, jit_compile="auto"):
         loss="sparse_categorical_crossentropy",
         jit_compile=jit_compile,
     )
-    batches = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH)]
+
+    def rows(a, i):
+        return [v[i : i + BATCH] for v in a] if isinstance(a, list) else a[i : i + BATCH]
+
+    batches = [(rows(x, i), y[i : i + BATCH]) for i in range(0, len(y), BATCH)]
     for bx, by in batches[:2]:
         model.train_on_batch(bx, by)  # warm-up: tracing and compilation
 
     def run(steps):
-        start = time.perf_counter()
-        for i in range(steps):
-            bx, by = batches[i % len(batches)]
-            model.train_on_batch(bx, by)
-        return (time.perf_counter() - start) / steps
+        order = iter(range(steps))
+        return timed(lambda: model.train_on_batch(*batches[next(order) % len(batches)]), steps)
 
     return run
 
@@ -190,6 +213,8 @@ def keras_stepper(model, x, y, jit_compile="auto"):
 def torch_stepper(x, y, compile_model=False, branches=("cnn", "rnn", "transformer")):
     import torch
 
+    if os.environ.get("KFUSION_BENCH_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["KFUSION_BENCH_TORCH_THREADS"]))
     torch.manual_seed(0)
     net = torch_model(branches)
     if compile_model:
@@ -209,21 +234,71 @@ def torch_stepper(x, y, compile_model=False, branches=("cnn", "rnn", "transforme
         step(bx, by)
 
     def run(steps):
-        start = time.perf_counter()
-        for i in range(steps):
-            step(*batches[i % len(batches)])
-        return (time.perf_counter() - start) / steps
+        order = iter(range(steps))
+        return timed(lambda: step(*batches[next(order) % len(batches)]), steps)
 
     return run
 
 
+def torch_process(compile_model=False, branches=("cnn", "rnn", "transformer")):
+    """`torch_stepper` in a child process, driven round by round from this one.
+
+    TensorFlow and PyTorch each keep their own thread pools; in one process they compete for
+    the same cores between steps. The child holds PyTorch alone and times only when asked,
+    so the runs stay interleaved while neither framework's threads touch the other's.
+    """
+    import atexit
+
+    cmd = [sys.executable, __file__, "--serve-torch", ",".join(branches)]
+    if compile_model:
+        cmd.append("--compile")
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    atexit.register(proc.kill)
+
+    def reply():
+        while True:
+            line = proc.stdout.readline()
+            if not line:
+                error = (proc.stderr.read().strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"the PyTorch process stopped: {error[:200]}")
+            if line.startswith("KFB "):
+                return line[4:].strip()
+
+    reply()  # "ready": built, warmed up (and compiled)
+
+    def run(steps):
+        proc.stdin.write(f"{steps}\n")
+        proc.stdin.flush()
+        return float(reply())
+
+    run.close = proc.kill
+    return run
+
+
+def serve_torch(branches, compile_model):
+    x, y = data()
+    run = torch_stepper(x, y, compile_model=compile_model, branches=tuple(branches.split(",")))
+    print("KFB ready", flush=True)
+    for line in sys.stdin:
+        print(f"KFB {run(int(line))!r}", flush=True)
+
+
 def interleave(runners, rounds, steps):
-    """{name: [seconds per step, one per round]}, contenders alternating within rounds."""
+    """{name: [seconds per step, one per round]}, contenders alternating within rounds.
+
+    Child processes behind the runners (PyTorch's) are stopped once the rounds are done.
+    """
     times = {name: [] for name in runners}
-    for r in range(rounds):
-        order = list(runners) if r % 2 == 0 else list(reversed(runners))
-        for name in order:
-            times[name].append(runners[name](steps))
+    try:
+        for r in range(rounds):
+            order = list(runners) if r % 2 == 0 else list(reversed(runners))
+            for name in order:
+                times[name].append(runners[name](steps))
+    finally:
+        for run in runners.values():
+            getattr(run, "close", lambda: None)()
     return times
 
 
@@ -254,9 +329,52 @@ def section_overhead(rounds, steps):
 
 def section_fusions(rounds, steps):
     x, y = data()
-    kinds = ["concat", "weighted", "attention", "gated", "low_rank"]
+    kinds = ["concat", "weighted", "attention", "gated", "low_rank", "cross_attention"]
     runners = {k: keras_stepper(kfusion_model(k), x, y) for k in kinds}
-    return summarise(interleave(runners, rounds, steps), "concat")
+    # Twice the rounds: the differences sought (a few percent) are the size of the noise.
+    result = summarise(interleave(runners, 2 * rounds, steps), "concat")
+    # FiLM fuses exactly two branches (one conditions the other): its own two-branch pair.
+    pair = ("transformer", "cnn")
+    runners = {k: keras_stepper(kfusion_model(k, pair), x, y) for k in ("concat", "film")}
+    pair_result = summarise(interleave(runners, rounds, steps), "concat")
+    result["concat (Transformer, CNN only)"] = pair_result["concat"]
+    result["film (Transformer conditioned on CNN)"] = pair_result["film"]
+    return result
+
+
+def fusion_layer_model(kind):
+    """The fusion layer alone on three 64-wide branch features (FiLM: two), with a Dense head."""
+    import keras
+
+    from kfusion.models._factory import make_fusion
+
+    features = [keras.Input((64,)) for _ in range(2 if kind == "film" else 3)]
+    fused = make_fusion(kind, [64] * len(features))(features)
+    return keras.Model(features, keras.layers.Dense(CLASSES, activation="softmax")(fused))
+
+
+def section_fusion_layers(rounds, steps, step_ms):
+    """Each fusion layer's own training-step cost, isolated from the branches.
+
+    In the full model the few-percent differences between fusion kinds are the size of the
+    run-to-run noise; alone, each layer's cost is measured to a fraction of a millisecond.
+    `implied_ratio` adds that cost (over concat's) to the full model's concat step.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=(BATCH * 8, 64)).astype("float32") for _ in range(3)]
+    y = rng.integers(0, CLASSES, size=BATCH * 8).astype("int32")
+    kinds = ["concat", "weighted", "attention", "gated", "low_rank", "cross_attention", "film"]
+    runners = {
+        k: keras_stepper(fusion_layer_model(k), x[:2] if k == "film" else x, y) for k in kinds
+    }
+    result = summarise(interleave(runners, rounds, 5 * steps), "concat")
+    base = result["concat"]["median_ms"]
+    for r in result.values():
+        r["added_ms"] = r["median_ms"] - base
+        r["implied_ratio"] = (step_ms + r["added_ms"]) / step_ms
+    return result
 
 
 def fit_stepper(model, x, y, pipeline="numpy", jit_compile="auto"):
@@ -283,9 +401,7 @@ def fit_stepper(model, x, y, pipeline="numpy", jit_compile="auto"):
 
     def run(steps):
         kwargs = data_for(steps)
-        start = time.perf_counter()
-        model.fit(**kwargs, epochs=1, verbose=0, shuffle=False)
-        return (time.perf_counter() - start) / steps
+        return timed(lambda: model.fit(**kwargs, epochs=1, verbose=0, shuffle=False), 1) / steps
 
     return run
 
@@ -306,18 +422,23 @@ def section_pipeline(rounds, steps):
             kfusion_model(), x, y, "tf.data", jit_compile=True
         ),
     }
-    return summarise(interleave(runners, rounds, steps), "fit, NumPy arrays")
+    # Epochs of 5x the steps: the end of a `fit` call sometimes takes about a second (keras
+    # releasing the epoch's data iterator), a fixed cost that short epochs would magnify.
+    return summarise(interleave(runners, rounds, 5 * steps), "fit, NumPy arrays")
 
 
 def section_torch(rounds, steps):
     x, y = data()
     runners = {
-        "kfusion (TensorFlow, XLA auto)": keras_stepper(kfusion_model("concat"), x, y),
-        "PyTorch eager": torch_stepper(x, y),
+        "kfusion (TensorFlow, Keras default: no XLA on CPU)": keras_stepper(kfusion_model(), x, y),
+        "kfusion (TensorFlow, jit_compile=True)": keras_stepper(
+            kfusion_model(), x, y, jit_compile=True
+        ),
+        "PyTorch eager": torch_process(),
     }
     compiled_note = None
     try:
-        runners["PyTorch torch.compile"] = torch_stepper(x, y, compile_model=True)
+        runners["PyTorch torch.compile"] = torch_process(compile_model=True)
     except Exception as e:  # noqa: BLE001 - record why compile is unavailable here
         compiled_note = f"torch.compile failed here: {type(e).__name__}: {str(e)[:200]}"
     result = summarise(interleave(runners, rounds, steps), "PyTorch eager")
@@ -333,49 +454,183 @@ def section_torch_branches(rounds, steps):
     for branch in ("cnn", "rnn", "transformer"):
         runners = {
             "keras": keras_stepper(hand_branch_model(branch), x, y),
-            "torch": torch_stepper(x, y, branches=(branch,)),
+            "keras_xla": keras_stepper(hand_branch_model(branch), x, y, jit_compile=True),
+            "torch": torch_process(branches=(branch,)),
         }
         times = summarise(interleave(runners, rounds, steps), "torch")
-        result[f"{branch}: keras (TensorFlow) / PyTorch eager"] = {
-            "median_ms": times["keras"]["median_ms"],
+        result[branch] = {
+            "keras_ms": times["keras"]["median_ms"],
+            "keras_xla_ms": times["keras_xla"]["median_ms"],
             "torch_ms": times["torch"]["median_ms"],
             "ratio": times["keras"]["ratio"],
+            "ratio_xla": times["keras_xla"]["ratio"],
         }
     return result
 
 
+def worker(rounds, steps, env=None, jit="auto"):
+    """Run `--worker` in a fresh process (backend and thread pools are fixed per process).
+
+    The worker times the FusionModel and PyTorch eager interleaved, so each process reports a
+    ratio measured under the same conditions, whatever else the machine was doing.
+    """
+    cmd = [sys.executable, __file__, "--worker", "--rounds", str(rounds), "--steps", str(steps)]
+    cmd += ["--jit", jit]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, **(env or {})), timeout=1200
+    )
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_worker(rounds, steps, jit):
+    import keras
+
+    x, y = data()
+    jit_compile = {"auto": "auto", "true": True, "false": False}[jit]
+    runners = {
+        "kfusion": keras_stepper(kfusion_model(), x, y, jit_compile=jit_compile),
+        "torch": torch_process(),
+    }
+    times = summarise(interleave(runners, rounds, steps), "torch")
+    print(
+        json.dumps(
+            {
+                "backend": keras.backend.backend(),
+                "median_ms": times["kfusion"]["median_ms"],
+                "samples_per_s": times["kfusion"]["samples_per_s"],
+                "torch_ms": times["torch"]["median_ms"],
+                "vs_torch": 1 / times["kfusion"]["ratio"],
+            }
+        )
+    )
+
+
 def section_backends(rounds, steps):
-    """Each backend in its own process (a backend is fixed per process)."""
-    results = {}
-    for backend in ("tensorflow", "jax", "torch"):
-        env = dict(os.environ, KERAS_BACKEND=backend)
-        cmd = [
-            sys.executable,
-            __file__,
-            "--one-backend",
-            "--rounds",
-            str(rounds),
-            "--steps",
-            str(steps),
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-        if out.returncode != 0:
-            results[backend] = {"error": out.stderr.strip().splitlines()[-1][:300]}
-            continue
-        results[backend] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = results.get("tensorflow", {}).get("median_ms")
+    """The FusionModel on each backend (Keras' default jit_compile), each in its own process."""
+    results = {
+        backend: worker(rounds, steps, env={"KERAS_BACKEND": backend})
+        for backend in ("tensorflow", "jax", "torch")
+    }
+    base = results["tensorflow"].get("median_ms")
     for r in results.values():
         if base and "median_ms" in r:
             r["ratio"] = r["median_ms"] / base
     return results
 
 
-def one_backend(rounds, steps):
-    x, y = data()
-    run = keras_stepper(kfusion_model("concat"), x, y)
-    times = [run(steps) for _ in range(rounds)]
-    med = statistics.median(times)
-    print(json.dumps({"median_ms": 1000 * med, "samples_per_s": BATCH / med}))
+ONE_THREAD = {"TF_NUM_INTEROP_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
+THREADS = {  # name: (environment, jit_compile)
+    "default pools, no XLA": ({}, "false"),
+    "default pools, XLA": ({}, "true"),
+    "TF intra-op 1, inter-op 2 (branches side by side), no XLA": (
+        {"TF_NUM_INTEROP_THREADS": "2", "TF_NUM_INTRAOP_THREADS": "1"},
+        "false",
+    ),
+    "one thread each, no XLA": (ONE_THREAD, "false"),
+    "one thread each, XLA": (ONE_THREAD, "true"),
+}
+
+
+def section_threads(rounds, steps):
+    """kfusion (TensorFlow) vs PyTorch eager under different thread settings."""
+    results = {}
+    for name, (env, jit) in THREADS.items():
+        env = dict(env, KERAS_BACKEND="tensorflow")
+        if env.get("TF_NUM_INTEROP_THREADS") == "1":  # "one thread each": PyTorch too
+            env["KFUSION_BENCH_TORCH_THREADS"] = env["TF_NUM_INTRAOP_THREADS"]
+        results[name] = worker(rounds, steps, env=env, jit=jit)
+    return results
+
+
+# Op-level: forward + backward of single ops at the network's shapes, TensorFlow graph vs
+# TensorFlow XLA vs PyTorch eager. This is where the step-time gap comes from.
+OP_SHAPES = {
+    "GELU (exact), (64, 64, 128)": (64, 64, 128),
+    "LayerNorm, (64, 64, 64)": (64, 64, 64),
+    "softmax, (64, 4, 64, 64)": (64, 4, 64, 64),
+    "attention core, q=k=v (64, 4, 64, 16)": (64, 4, 64, 16),
+    "matmul, (4096, 64) @ (64, 256)": (4096, 64),
+}
+
+
+def _keras_op(name):
+    from keras import ops
+
+    if name.startswith("GELU"):
+        return lambda a: ops.gelu(a, approximate=False)
+    if name.startswith("LayerNorm"):
+        return lambda a: ops.layer_normalization(a, epsilon=1e-6)
+    if name.startswith("softmax"):
+        return lambda a: ops.softmax(a, axis=-1)
+    if name.startswith("attention"):  # what MultiHeadAttention computes per head
+        return lambda a: ops.matmul(ops.softmax(ops.matmul(a, ops.swapaxes(a, -1, -2)) / 4), a)
+    w = ops.ones((64, 256)) / 64
+    return lambda a: ops.matmul(a, w)
+
+
+def _torch_op(name):
+    import torch
+    import torch.nn.functional as tf_
+
+    if name.startswith("GELU"):
+        return tf_.gelu
+    if name.startswith("LayerNorm"):
+        return lambda a: tf_.layer_norm(a, a.shape[-1:], eps=1e-6)
+    if name.startswith("softmax"):
+        return lambda a: torch.softmax(a, -1)
+    if name.startswith("attention"):
+        return lambda a: tf_.scaled_dot_product_attention(a, a, a)
+    w = torch.ones(64, 256) / 64
+    return lambda a: a @ w
+
+
+def section_ops(rounds, reps=30):
+    import numpy as np
+    import tensorflow as tf
+    import torch
+
+    result = {}
+    for name, shape in OP_SHAPES.items():
+        x = np.random.default_rng(0).normal(size=shape).astype("float32")
+        runners = {}
+        for label, jit in (("tf", False), ("tf_xla", True)):
+            fn, xt = _keras_op(name), tf.constant(x)
+
+            @tf.function(jit_compile=jit)
+            def step(a, fn=fn):
+                with tf.GradientTape() as tape:
+                    tape.watch(a)
+                    y = tf.reduce_sum(fn(a))
+                return tape.gradient(y, a)
+
+            runners[label] = _timer(lambda step=step, xt=xt: step(xt).numpy(), reps)
+        fn, xt = _torch_op(name), torch.from_numpy(x).requires_grad_()
+
+        def torch_step(fn=fn, xt=xt):
+            xt.grad = None
+            fn(xt).sum().backward()
+
+        runners["torch"] = _timer(torch_step, reps)
+        times = summarise(interleave(runners, rounds, 1), "torch")
+        result[name] = {
+            "tf_ms": times["tf"]["median_ms"],
+            "tf_xla_ms": times["tf_xla"]["median_ms"],
+            "torch_ms": times["torch"]["median_ms"],
+            "ratio": times["tf"]["ratio"],
+            "ratio_xla": times["tf_xla"]["ratio"],
+        }
+    return result
+
+
+def _timer(fn, reps):
+    fn()  # warm-up: trace/compile
+
+    def run(steps):
+        return timed(fn, reps * steps)
+
+    return run
 
 
 def section_inference(rounds):
@@ -397,10 +652,7 @@ def section_inference(rounds):
         reps = 50 if batch == 1 else 5
         times = []
         for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(reps):
-                serve(xb)
-            times.append((time.perf_counter() - start) / reps)
+            times.append(timed(lambda xb=xb: serve(xb), reps))
         med = statistics.median(times)
         result[f"batch {batch}"] = {"median_ms": 1000 * med, "samples_per_s": batch / med}
     return result
@@ -415,7 +667,9 @@ def table(result, cols=("median_ms", "ratio", "samples_per_s")):
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append("" if v is None else (f"{v:.3f}" if c == "ratio" else f"{v:,.1f}"))
+            ratio = c in ("ratio", "ratio_xla", "vs_torch", "implied_ratio")
+            fmt = ".3f" if ratio else ",.2f" if c == "added_ms" else ",.1f"
+            cells.append("" if v is None else format(v, fmt))
         if "error" in r:
             cells = [r["error"]] + [""] * (len(cols) - 1)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -438,14 +692,30 @@ def versions():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--one-backend", action="store_true")
+    parser.add_argument(
+        "--render", action="store_true", help="rewrite RESULTS.md from results.json and NOTES.md"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-torch", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--jit", choices=("auto", "true", "false"), default="auto")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
     steps = args.steps or (5 if args.quick else 20)
-    if args.one_backend:
-        one_backend(rounds, steps)
+    if args.serve_torch:
+        serve_torch(args.serve_torch, args.compile)
+        return
+    if args.worker:
+        run_worker(rounds, steps, args.jit)
+        return
+    if args.render:
+        with open(os.path.join(HERE, "results.json")) as f:
+            saved = json.load(f)
+        write_markdown(
+            saved["sections"], saved["rounds"], saved["steps"], saved["date"], saved["versions"]
+        )
         return
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     sections = {
@@ -453,32 +723,58 @@ def main():
         "vs_pytorch": section_torch(rounds, steps),
         "vs_pytorch_branches": section_torch_branches(rounds, steps),
         "fusion_kinds": section_fusions(rounds, steps),
+    }
+    concat_ms = sections["fusion_kinds"]["concat"]["median_ms"]
+    sections |= {
+        "fusion_layers": section_fusion_layers(rounds, steps, concat_ms),
         "pipeline": section_pipeline(rounds, steps),
         "backends": section_backends(rounds, steps),
+        "threads": section_threads(rounds, steps),
         "inference": section_inference(rounds),
+        # last: it loads PyTorch into this process, whose threads must not share the cores
+        # with the TensorFlow sections above
+        "ops": section_ops(rounds),
     }
     with open(os.path.join(HERE, "results.json"), "w") as f:
-        json.dump({"versions": versions(), "sections": sections}, f, indent=2)
-    write_markdown(sections, rounds, steps)
+        today = datetime.date.today().isoformat()
+        saved = {"versions": versions(), "date": today, "rounds": rounds, "steps": steps}
+        json.dump(dict(saved, sections=sections), f, indent=2)
+    write_markdown(sections, rounds, steps, today, versions())
 
 
-def write_markdown(sections, rounds, steps):
-    v = versions()
-    cpu = platform.processor() or platform.machine()
+FUSION_LAYER_COLS = ("median_ms", "added_ms", "implied_ratio")
+BRANCH_COLS = ("keras_ms", "keras_xla_ms", "torch_ms", "ratio", "ratio_xla")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        flags = open("/proc/cpuinfo").read()
+        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+        return f"{names[0]}, {isa}" if names else platform.machine()
+    except OSError:
+        return platform.machine()
+
+
+def write_markdown(sections, rounds, steps, date, v):
     notes_path = os.path.join(HERE, "NOTES.md")
     notes = open(notes_path).read() if os.path.exists(notes_path) else ""
     md = f"""# kfusion benchmarks
 
-Written by `python benchmarks/run.py` on {datetime.date.today().isoformat()}.
+Written by `python benchmarks/run.py` on {date}.
 
-- Machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}; no GPU
-  lent to the session that ran this (see "GPU" below).
+- Machine: {os.cpu_count()} CPU cores ({cpu_name()}), {platform.system()}
+  {platform.release()}; no GPU lent to the session that ran this (see "GPU" below).
 - Versions: {", ".join(f"{k} {val}" for k, val in v.items())}.
 - Network: three branches on one (batch {BATCH}, T={T}, F={F}) input: Conv1D x2 (64) | LSTM 64 |
   two Transformer blocks (d=64, 4 heads) -> fusion -> Dense({CLASSES}).
 - Method: contenders interleaved (A, B, ..., then reversed) over {rounds} rounds of {steps}
   training steps each after a warm-up; median seconds per step; ratio = median / baseline's
-  median. train_on_batch on in-memory NumPy batches.
+  median. train_on_batch on in-memory NumPy batches. Garbage collection runs before each
+  timed round and not during it (as `timeit` does). PyTorch trains in a child process that
+  times a round when asked, so the runs interleave while the two frameworks' thread pools
+  never share a process (the single-op table is the exception: one process, ops in turn).
 
 ## Overhead: FusionModel vs the same graph written by hand (target ratio <= 1.03)
 
@@ -489,14 +785,23 @@ Written by `python benchmarks/run.py` on {datetime.date.today().isoformat()}.
 {table(sections["vs_pytorch"])}
 {sections["vs_pytorch"].get("note", "")}
 
-Each branch alone, plain Keras on TensorFlow vs plain PyTorch eager (step time ratio; above 1
-means PyTorch is faster):
+Each branch alone, plain Keras on TensorFlow (graph, and XLA) vs plain PyTorch eager (ratio =
+step time / PyTorch's; above 1 means PyTorch is faster):
 
-{table(sections["vs_pytorch_branches"], cols=("median_ms", "torch_ms", "ratio"))}
+{table(sections["vs_pytorch_branches"], cols=BRANCH_COLS)}
+
+Single ops at the network's shapes, forward + backward (ms per call; ratio to PyTorch):
+
+{table(sections["ops"], cols=("tf_ms", "tf_xla_ms", "torch_ms", "ratio", "ratio_xla"))}
 
 ## Fusion kinds: step time relative to concat (target <= 1.05 for attention and gated)
 
 {table(sections["fusion_kinds"])}
+
+Each fusion layer alone (three 64-wide features, batch {BATCH}, a Dense head; `added_ms` over
+concat's step; `implied_ratio` = full-model step with that cost added to concat's step above):
+
+{table(sections["fusion_layers"], cols=FUSION_LAYER_COLS)}
 
 ## Input pipeline and XLA: `model.fit` of the FusionModel (TensorFlow, CPU)
 
@@ -504,7 +809,15 @@ means PyTorch is faster):
 
 ## Backends: the same FusionModel (ratio to TensorFlow)
 
-{table(sections["backends"])}
+Each backend runs in its own process with Keras' default `jit_compile` (TensorFlow on a CPU:
+no XLA; JAX: XLA; PyTorch: eager) and times PyTorch eager interleaved with itself; `vs_torch`
+is kfusion's samples/s over PyTorch eager's in that process.
+
+{table(sections["backends"], cols=("median_ms", "ratio", "samples_per_s", "torch_ms", "vs_torch"))}
+
+## Threads: kfusion (TensorFlow) vs PyTorch eager
+
+{table(sections["threads"], cols=("median_ms", "torch_ms", "vs_torch"))}
 
 ## Inference: SavedModel latency
 
