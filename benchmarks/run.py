@@ -457,15 +457,19 @@ def section_torch_branches(rounds, steps):
             "keras_xla": keras_stepper(hand_branch_model(branch), x, y, jit_compile=True),
             "torch": torch_process(branches=(branch,)),
         }
-        times = summarise(interleave(runners, rounds, steps), "torch")
-        result[branch] = {
-            "keras_ms": times["keras"]["median_ms"],
-            "keras_xla_ms": times["keras_xla"]["median_ms"],
-            "torch_ms": times["torch"]["median_ms"],
-            "ratio": times["keras"]["ratio"],
-            "ratio_xla": times["keras_xla"]["ratio"],
-        }
+        result[branch] = graph_xla_torch(summarise(interleave(runners, rounds, steps), "torch"))
     return result
+
+
+def graph_xla_torch(times):
+    """One table row from the timings of "keras" (graph), "keras_xla" and "torch"."""
+    return {
+        "graph_ms": times["keras"]["median_ms"],
+        "xla_ms": times["keras_xla"]["median_ms"],
+        "torch_ms": times["torch"]["median_ms"],
+        "ratio": times["keras"]["ratio"],
+        "ratio_xla": times["keras_xla"]["ratio"],
+    }
 
 
 def worker(rounds, steps, env=None, jit="auto"):
@@ -595,7 +599,7 @@ def section_ops(rounds, reps=30):
     for name, shape in OP_SHAPES.items():
         x = np.random.default_rng(0).normal(size=shape).astype("float32")
         runners = {}
-        for label, jit in (("tf", False), ("tf_xla", True)):
+        for label, jit in (("keras", False), ("keras_xla", True)):
             fn, xt = _keras_op(name), tf.constant(x)
 
             @tf.function(jit_compile=jit)
@@ -613,14 +617,7 @@ def section_ops(rounds, reps=30):
             fn(xt).sum().backward()
 
         runners["torch"] = _timer(torch_step, reps)
-        times = summarise(interleave(runners, rounds, 1), "torch")
-        result[name] = {
-            "tf_ms": times["tf"]["median_ms"],
-            "tf_xla_ms": times["tf_xla"]["median_ms"],
-            "torch_ms": times["torch"]["median_ms"],
-            "ratio": times["tf"]["ratio"],
-            "ratio_xla": times["tf_xla"]["ratio"],
-        }
+        result[name] = graph_xla_torch(summarise(interleave(runners, rounds, 1), "torch"))
     return result
 
 
@@ -743,7 +740,7 @@ def main():
 
 
 FUSION_LAYER_COLS = ("median_ms", "added_ms", "implied_ratio")
-BRANCH_COLS = ("keras_ms", "keras_xla_ms", "torch_ms", "ratio", "ratio_xla")
+GRAPH_XLA_TORCH_COLS = ("graph_ms", "xla_ms", "torch_ms", "ratio", "ratio_xla")
 
 
 def cpu_name():
@@ -788,11 +785,11 @@ Written by `python benchmarks/run.py` on {date}.
 Each branch alone, plain Keras on TensorFlow (graph, and XLA) vs plain PyTorch eager (ratio =
 step time / PyTorch's; above 1 means PyTorch is faster):
 
-{table(sections["vs_pytorch_branches"], cols=BRANCH_COLS)}
+{table(sections["vs_pytorch_branches"], cols=GRAPH_XLA_TORCH_COLS)}
 
 Single ops at the network's shapes, forward + backward (ms per call; ratio to PyTorch):
 
-{table(sections["ops"], cols=("tf_ms", "tf_xla_ms", "torch_ms", "ratio", "ratio_xla"))}
+{table(sections["ops"], cols=GRAPH_XLA_TORCH_COLS)}
 
 ## Fusion kinds: step time relative to concat (target <= 1.05 for attention and gated)
 
