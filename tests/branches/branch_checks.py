@@ -5,6 +5,9 @@ import numpy as np
 
 from tests import helpers
 
+VOCAB = 20  # vocabulary of the token-id inputs
+LENGTHS = [5, 3, 6, 1]  # their uneven rows, every one padded (T = 8)
+
 
 def padded_token_ids(rng, lengths, total, vocab_size):
     """Right-padded int32 token ids (0 is padding), one row per entry of `lengths`."""

@@ -7,30 +7,8 @@ import pytest
 from kfusion.branches import CNN
 from tests import helpers
 from tests.branches import branch_checks
+from tests.branches.branch_checks import LENGTHS, VOCAB
 from tests.conftest import requires_tensorflow
-
-VOCAB = 20
-LENGTHS = [5, 3, 6, 1]  # uneven rows, every one padded (T = 8)
-
-
-@pytest.fixture
-def ids(rng):
-    return branch_checks.padded_token_ids(rng, LENGTHS, total=8, vocab_size=VOCAB)
-
-
-@pytest.fixture
-def seq(rng):
-    return rng.normal(size=(4, 7, 3)).astype("float32")
-
-
-@pytest.fixture
-def images(rng):
-    return rng.normal(size=(4, 8, 8, 3)).astype("float32")
-
-
-@pytest.fixture
-def inputs_by_kind(ids, seq, images):
-    return {"tokens": ids, "sequence": seq, "image": images}
 
 
 def make(kind, **kwargs):

@@ -8,33 +8,17 @@ from kfusion.branches import Transformer
 from kfusion.layers import PatchEmbedding, PositionEmbedding, TransformerBlock
 from tests import helpers
 from tests.branches import branch_checks
+from tests.branches.branch_checks import LENGTHS, VOCAB
 from tests.conftest import requires_tensorflow
 from tests.layers.test_patch_embedding import numpy_patches
 from tests.layers.test_transformer_block import _layer_norm, numpy_block
 
-VOCAB = 20
-LENGTHS = [5, 3, 6, 1]  # uneven rows, every one padded (T = 8)
 POOLINGS = ["cls", "mean", "max", "last", None]
 
 
 @pytest.fixture
-def ids(rng):
-    return branch_checks.padded_token_ids(rng, LENGTHS, total=8, vocab_size=VOCAB)
-
-
-@pytest.fixture
-def seq(rng):
-    return rng.normal(size=(4, 7, 3)).astype("float32")
-
-
-@pytest.fixture
-def images(rng):
-    return rng.normal(size=(4, 8, 12, 2)).astype("float32")
-
-
-@pytest.fixture
-def inputs_by_kind(ids, seq, images):
-    return {"tokens": ids, "sequence": seq, "image": images}
+def image_shape():
+    return (8, 12, 2)
 
 
 def make(kind, **kwargs):
