@@ -1,4 +1,5 @@
-"""Checks every kfusion layer goes through (shared by the layer and branch tests)."""
+"""Checks every kfusion layer goes through (shared by the layer and branch tests), and the
+small multimodal FusionModel several test modules build."""
 
 import os
 
@@ -126,3 +127,24 @@ def check_mixed_precision(make_layer, arrays, policy, **call_kwargs):
         return layer, out
     finally:
         keras.config.set_dtype_policy("float32")
+
+
+def multimodal_model(fusion="concat", num_classes=2, from_logits=False, name=None):
+    """A tiny FusionModel on the image + text + tabular inputs of `kfusion.datasets`."""
+    import kfusion as kf
+
+    return kf.FusionModel(
+        inputs={
+            "image": keras.Input((8, 8, 1)),
+            "text": keras.Input((10,), dtype="int32"),
+            "tabular": keras.Input((5,)),
+        },
+        branches={
+            "image": [kf.branches.CNN(filters=(4,))],
+            "text": [kf.branches.RNN(units=4, vocab_size=20, embedding_dim=4)],
+            "tabular": [kf.branches.MLP(units=(4,))],
+        },
+        fusion=fusion,
+        head=kf.heads.Classification(num_classes, from_logits=from_logits),
+        name=name,
+    )

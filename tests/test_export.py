@@ -10,26 +10,14 @@ import pytest
 import kfusion as kf
 from kfusion import export as kexport
 from kfusion.datasets import multimodal_classification
+from tests import helpers
 from tests.conftest import requires_tensorflow
 
 TF_FORMATS = ["saved_model", "onnx", "litert"]
 
 
 def _model():
-    return kf.FusionModel(
-        inputs={
-            "image": keras.Input((8, 8, 1)),
-            "text": keras.Input((10,), dtype="int32"),
-            "tabular": keras.Input((5,)),
-        },
-        branches={
-            "image": [kf.branches.CNN(filters=(4,))],
-            "text": [kf.branches.RNN(units=4, vocab_size=20, embedding_dim=4)],
-            "tabular": [kf.branches.MLP(units=(4,))],
-        },
-        fusion="gated",
-        head=kf.heads.Classification(3),
-    )
+    return helpers.multimodal_model(fusion="gated", num_classes=3)
 
 
 @pytest.fixture

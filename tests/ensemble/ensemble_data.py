@@ -11,7 +11,7 @@ feature, which is why the ensembles beat their best member here.
 import keras
 import numpy as np
 
-import kfusion as kf
+from tests import helpers
 
 SUBSETS = ((0, 1), (1, 2), (0, 2))
 WIDTH = 6
@@ -59,18 +59,4 @@ def binary_accuracy(model, x, y, threshold=0.5):
 
 def multimodal_member(name, from_logits=False, num_classes=2):
     """A tiny FusionModel on image + text + tabular inputs (kfusion.datasets)."""
-    return kf.FusionModel(
-        inputs={
-            "image": keras.Input((8, 8, 1)),
-            "text": keras.Input((10,), dtype="int32"),
-            "tabular": keras.Input((5,)),
-        },
-        branches={
-            "image": [kf.branches.CNN(filters=(4,))],
-            "text": [kf.branches.RNN(units=4, vocab_size=20, embedding_dim=4)],
-            "tabular": [kf.branches.MLP(units=(4,))],
-        },
-        fusion="concat",
-        head=kf.heads.Classification(num_classes, from_logits=from_logits),
-        name=name,
-    )
+    return helpers.multimodal_model("concat", num_classes, from_logits, name=name)
