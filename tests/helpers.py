@@ -129,9 +129,14 @@ def check_mixed_precision(make_layer, arrays, policy, **call_kwargs):
         keras.config.set_dtype_policy("float32")
 
 
-def multimodal_model(fusion="concat", num_classes=2, from_logits=False, name=None):
-    """A tiny FusionModel on the image + text + tabular inputs of `kfusion.datasets`."""
+def multimodal_model(fusion="concat", num_classes=2, from_logits=False, name=None, text=None):
+    """A tiny FusionModel on the image + text + tabular inputs of `kfusion.datasets`.
+
+    `text` is the text branch (default: a small embedding + LSTM).
+    """
     import kfusion as kf
+
+    text = text or kf.branches.RNN(units=4, vocab_size=20, embedding_dim=4)
 
     return kf.FusionModel(
         inputs={
@@ -141,7 +146,7 @@ def multimodal_model(fusion="concat", num_classes=2, from_logits=False, name=Non
         },
         branches={
             "image": [kf.branches.CNN(filters=(4,))],
-            "text": [kf.branches.RNN(units=4, vocab_size=20, embedding_dim=4)],
+            "text": [text],
             "tabular": [kf.branches.MLP(units=(4,))],
         },
         fusion=fusion,

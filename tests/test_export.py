@@ -34,20 +34,8 @@ def test_keras_format_round_trips(tmp_path, data):
 
 
 def _model_without_rnn():
-    return kf.FusionModel(
-        inputs={
-            "image": keras.Input((8, 8, 1)),
-            "text": keras.Input((10,), dtype="int32"),
-            "tabular": keras.Input((5,)),
-        },
-        branches={
-            "image": [kf.branches.CNN(filters=(4,))],
-            "text": [kf.branches.Transformer(dim=8, depth=1, num_heads=2, vocab_size=20)],
-            "tabular": [kf.branches.MLP(units=(4,))],
-        },
-        fusion="attention",
-        head=kf.heads.Classification(3),
-    )
+    text = kf.branches.Transformer(dim=8, depth=1, num_heads=2, vocab_size=20)
+    return helpers.multimodal_model(fusion="attention", num_classes=3, text=text)
 
 
 @requires_tensorflow
