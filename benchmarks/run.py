@@ -171,7 +171,7 @@ def hand_branch_model(branch):
 
 # ---------------------------------------------------------------------------- timing
 def timed(fn, calls):
-    """Seconds per call of `fn()` over `calls` calls, with garbage collection kept out.
+    """Seconds per call of `fn(i)` for i in range(calls), with garbage collection kept out.
 
     As `timeit` does: one full collection before, none during. With TensorFlow loaded a full
     collection takes about a second, and would otherwise land on whichever round it falls in.
@@ -180,8 +180,8 @@ def timed(fn, calls):
     gc.disable()
     try:
         start = time.perf_counter()
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fn(i)
         return (time.perf_counter() - start) / calls
     finally:
         gc.enable()
@@ -204,8 +204,7 @@ def keras_stepper(model, x, y, jit_compile="auto"):
         model.train_on_batch(bx, by)  # warm-up: tracing and compilation
 
     def run(steps):
-        order = iter(range(steps))
-        return timed(lambda: model.train_on_batch(*batches[next(order) % len(batches)]), steps)
+        return timed(lambda i: model.train_on_batch(*batches[i % len(batches)]), steps)
 
     return run
 
@@ -234,8 +233,7 @@ def torch_stepper(x, y, compile_model=False, branches=("cnn", "rnn", "transforme
         step(bx, by)
 
     def run(steps):
-        order = iter(range(steps))
-        return timed(lambda: step(*batches[next(order) % len(batches)]), steps)
+        return timed(lambda i: step(*batches[i % len(batches)]), steps)
 
     return run
 
@@ -401,7 +399,7 @@ def fit_stepper(model, x, y, pipeline="numpy", jit_compile="auto"):
 
     def run(steps):
         kwargs = data_for(steps)
-        return timed(lambda: model.fit(**kwargs, epochs=1, verbose=0, shuffle=False), 1) / steps
+        return timed(lambda _: model.fit(**kwargs, epochs=1, verbose=0, shuffle=False), 1) / steps
 
     return run
 
@@ -524,7 +522,11 @@ def section_backends(rounds, steps):
     return results
 
 
-ONE_THREAD = {"TF_NUM_INTEROP_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
+ONE_THREAD = {  # TensorFlow's two pools and PyTorch's (read by torch_stepper)
+    "TF_NUM_INTEROP_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "KFUSION_BENCH_TORCH_THREADS": "1",
+}
 THREADS = {  # name: (environment, jit_compile)
     "default pools, no XLA": ({}, "false"),
     "default pools, XLA": ({}, "true"),
@@ -541,10 +543,7 @@ def section_threads(rounds, steps):
     """kfusion (TensorFlow) vs PyTorch eager under different thread settings."""
     results = {}
     for name, (env, jit) in THREADS.items():
-        env = dict(env, KERAS_BACKEND="tensorflow")
-        if env.get("TF_NUM_INTEROP_THREADS") == "1":  # "one thread each": PyTorch too
-            env["KFUSION_BENCH_TORCH_THREADS"] = env["TF_NUM_INTRAOP_THREADS"]
-        results[name] = worker(rounds, steps, env=env, jit=jit)
+        results[name] = worker(rounds, steps, env=dict(env, KERAS_BACKEND="tensorflow"), jit=jit)
     return results
 
 
@@ -625,7 +624,7 @@ def _timer(fn, reps):
     fn()  # warm-up: trace/compile
 
     def run(steps):
-        return timed(fn, reps * steps)
+        return timed(lambda _: fn(), reps * steps)
 
     return run
 
@@ -649,7 +648,7 @@ def section_inference(rounds):
         reps = 50 if batch == 1 else 5
         times = []
         for _ in range(rounds):
-            times.append(timed(lambda xb=xb: serve(xb), reps))
+            times.append(timed(lambda _, xb=xb: serve(xb), reps))
         med = statistics.median(times)
         result[f"batch {batch}"] = {"median_ms": 1000 * med, "samples_per_s": batch / med}
     return result
