@@ -205,6 +205,25 @@ def test_label_checks_of_every_head():
         multi.check_labels({"label": np.array([0, 5]), "score": np.ones((2, 1))})
 
 
+def test_labels_are_checked_after_loading_and_with_the_heads_loss_given_again(compiled, tmp_path):
+    # A `.keras` file restores the head's loss object; it is still the head's contract.
+    x, y = _data()
+    path = tmp_path / "model.keras"
+    compiled.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    bad = _first_row(y, 3)
+    with pytest.raises(ValueError, match=r"labels y.*\[0, 3\)"):
+        reloaded.fit(x, bad, epochs=1, verbose=0)
+    model = _model()
+    model.compile(optimizer="adam", loss=model.head.default_loss())
+    with pytest.raises(ValueError, match=r"labels y.*\[0, 3\)"):
+        model.evaluate(x, bad, verbose=0)
+    # A loss configured differently (here: it ignores class 2) is the user's own contract.
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(ignore_class=2))
+    model.evaluate(x, y, verbose=0)
+    assert not model._check_labels
+
+
 def test_labels_for_a_loss_of_ones_own_are_left_to_it():
     # With an explicit loss the head's label contract does not apply: one-hot labels for
     # categorical cross-entropy train.

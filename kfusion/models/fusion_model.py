@@ -270,10 +270,12 @@ class FusionModel(keras.Model):
             metrics: as in `keras.Model.compile`; None takes `head.default_metrics()`.
             **kwargs: other `keras.Model.compile` arguments (`jit_compile`, ...).
         """
-        # Labels are checked against the head only when they feed the head's own loss.
-        self._check_labels = loss is None and self.head is not None
-        if self._check_labels:
-            loss = self.head.default_loss()
+        default_loss = self.head.default_loss() if self.head is not None else None
+        if loss is None:
+            loss = default_loss
+        # Labels are checked against the head only when they feed the head's own loss:
+        # `loss=None`, or the same loss passed explicitly (as a `.keras` file restores it).
+        self._check_labels = default_loss is not None and _same_loss(loss, default_loss)
         if metrics is None and self.head is not None:
             metrics = self.head.default_metrics()
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
@@ -285,8 +287,9 @@ class FusionModel(keras.Model):
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`, after checking `x` against the model's inputs.
 
-        With the head's default loss (`compile(loss=None)`), NumPy labels `y` are checked
-        by the head too (finite; class ids in range; multi-label values in [0, 1]).
+        With the head's default loss (`compile(loss=None)`, or that loss given again, as a
+        `.keras` file restores it), NumPy labels `y` are checked by the head too (finite;
+        class ids in range; multi-label values in [0, 1]).
         """
         self.check_data(x, y)
         return super().fit(x, y, *args, **kwargs)
@@ -491,6 +494,15 @@ def restore_compiled_state(model, config):
 # silently drops any other, so a typo such as `fusoin=` would otherwise go unnoticed).
 _MODEL_KWARGS = ("name", "trainable")
 _ARGUMENTS = ("inputs", "branches", "fusion", "head", "fusion_units") + _MODEL_KWARGS
+
+
+def _same_loss(loss, other):
+    """Whether two losses (objects, names or dicts of them) serialize to the same config."""
+    try:
+        serialize = keras.saving.serialize_keras_object
+        return serialize(loss) == serialize(other)
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_model_kwargs(kwargs):
