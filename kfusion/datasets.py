@@ -6,6 +6,10 @@ rule the models have to learn, so accuracy well above chance means the model lea
 
 import numpy as np
 
+from kfusion.layers import _utils
+
+MODALITIES = ("image", "text", "tabular")
+
 __all__ = ["digits", "multimodal_classification", "sequence_classification"]
 
 
@@ -17,14 +21,17 @@ def sequence_classification(n=240, length=16, features=4, num_classes=3, seed=0)
     Transformers (relations between steps) can all learn it.
 
     Args:
-        n: int, number of samples.
-        length: int, time steps.
-        features: int, channels per step (>= 1).
-        num_classes: int, number of frequencies/classes.
-        seed: int, NumPy seed.
+        n: int >= 1, number of samples.
+        length: int >= 1, time steps.
+        features: int >= 1, channels per step.
+        num_classes: int >= 2, number of frequencies/classes.
+        seed: int >= 0, NumPy seed.
 
     Returns:
         `(x, y)`: float32 `(n, length, features)` and int32 `(n,)`.
+
+    Raises:
+        ValueError: for a bad argument, naming it and its value.
 
     Example:
 
@@ -33,6 +40,11 @@ def sequence_classification(n=240, length=16, features=4, num_classes=3, seed=0)
     >>> x.shape, y.shape
     ((10, 16, 4), (10,))
     """
+    n = _utils.check_int("n", n)
+    length = _utils.check_int("length", length)
+    features = _utils.check_int("features", features)
+    num_classes = _utils.check_int("num_classes", num_classes, minimum=2)
+    seed = _utils.check_int("seed", seed, minimum=0)
     rng = np.random.default_rng(seed)
     y = (np.arange(n) % num_classes).astype("int32")
     rng.shuffle(y)
@@ -58,16 +70,21 @@ def multimodal_classification(
     close to 100%.
 
     Args:
-        n: int, number of samples.
-        image_size: int, height and width of the grey images.
-        length: int, maximum text length.
-        vocab_size: int, token vocabulary (ids 0 .. vocab_size - 1; 0 is padding).
-        seed: int, NumPy seed.
-        label_from: the modalities whose scores make the label.
+        n: int >= 1, number of samples.
+        image_size: int >= 2, height and width of the grey images.
+        length: int >= 1, maximum text length.
+        vocab_size: int >= 5, token vocabulary (ids 0 .. vocab_size - 1; 0 is padding,
+            2 and 3 carry the signal, 4 and up are random).
+        seed: int >= 0, NumPy seed.
+        label_from: a non-empty list of the modalities whose scores make the label,
+            from "image", "text" and "tabular".
 
     Returns:
         `(x, y)`: a dict with `"image"` float32 `(n, s, s, 1)`, `"text"` int32
         `(n, length)`, `"tabular"` float32 `(n, 5)`, and int32 labels `(n,)`.
+
+    Raises:
+        ValueError: for a bad argument, naming it and its value.
 
     Example:
 
@@ -76,12 +93,23 @@ def multimodal_classification(
     >>> sorted(x), x["text"].shape
     (['image', 'tabular', 'text'], (6, 10))
     """
+    n = _utils.check_int("n", n)
+    image_size = _utils.check_int("image_size", image_size, minimum=2)
+    length = _utils.check_int("length", length)
+    vocab_size = _utils.check_int("vocab_size", vocab_size, minimum=5)
+    seed = _utils.check_int("seed", seed, minimum=0)
+    if (
+        not isinstance(label_from, (list, tuple))
+        or not label_from
+        or any(name not in MODALITIES for name in label_from)
+    ):
+        raise ValueError(
+            f"`label_from` must be a non-empty list of modalities from {list(MODALITIES)}. "
+            f"Received: label_from={label_from!r}"
+        )
     rng = np.random.default_rng(seed)
     s_img, s_txt, s_tab = rng.normal(size=(3, n))
     scores = {"image": s_img, "text": s_txt, "tabular": s_tab}
-    for name in label_from:
-        if name not in scores:
-            raise ValueError(f"`label_from` names unknown modality {name!r}; use {sorted(scores)}")
     y = (sum(scores[name] for name in label_from) > 0).astype("int32")
     half = image_size // 2
     image = rng.normal(scale=0.3, size=(n, image_size, image_size, 1)).astype("float32")
@@ -106,10 +134,13 @@ def digits(image=True, seed=0):
     Args:
         image: bool. True: `(n, 8, 8, 1)` images; False: `(n, 8, 8)` sequences (rows as
             time steps).
-        seed: int, seed of the shuffle.
+        seed: int >= 0, seed of the shuffle.
 
     Returns:
         `(x, y)`: float32 inputs and int32 labels, shuffled.
+
+    Raises:
+        ValueError: for a bad argument, naming it and its value.
 
     Example:
 
@@ -118,6 +149,8 @@ def digits(image=True, seed=0):
     >>> x.shape, int(y.max())
     ((1797, 8, 8), 9)
     """
+    image = _utils.check_bool("image", image)
+    seed = _utils.check_int("seed", seed, minimum=0)
     from sklearn.datasets import load_digits
 
     data = load_digits()

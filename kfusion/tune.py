@@ -11,7 +11,7 @@ import keras
 
 from kfusion import branches as kbranches
 from kfusion import heads
-from kfusion.branches._base import infer_kind
+from kfusion.branches._base import infer_kind, is_integer_dtype
 from kfusion.layers import _utils
 from kfusion.models import FusionModel
 
@@ -95,8 +95,10 @@ def hypermodel(
         widths: candidate branch widths (ints >= 1).
         depths: candidate branch depths (ints >= 1).
         learning_rate: `(min, max)`, floats with 0 < min < max.
-        input_dtype: the input's dtype ("int32" for token ids, with `vocab_size`).
-        vocab_size: int or None, the token vocabulary for integer inputs.
+        input_dtype: the input's dtype ("int32" for token ids, with `vocab_size`; an
+            integer dtype for vectors or sequences without `vocab_size` is refused).
+        vocab_size: int or None, the token vocabulary for integer token ids of shape
+            `(T,)` (needs an integer `input_dtype`).
 
     Returns:
         A `keras_tuner.HyperModel`; `build(hp)` returns a compiled `FusionModel`.
@@ -134,6 +136,7 @@ def hypermodel(
             "`input_shape` must be (F,) vectors or token ids, (T, F) sequences or "
             f"(H, W, C) images. Received: input_shape={input_shape!r}"
         )
+    _check_tokens(shape, kind, input_dtype, vocab_size)
     names = _check_branches(branches, kind)
     fusions = _check_names("fusions", fusions, VECTOR_FUSIONS)
     widths = _utils.check_int_tuple("widths", widths)
@@ -188,6 +191,26 @@ def _check_input_shape(value):
             f"only leading sizes may be None). Received: input_shape={value!r}"
         )
     return tuple(None if d is None else int(d) for d in value)
+
+
+def _check_tokens(shape, kind, input_dtype, vocab_size):
+    """Raises unless dtype and `vocab_size` agree: token ids are `(T,)` integers."""
+    if vocab_size is not None and len(shape) != 1:
+        raise ValueError(
+            "`vocab_size` is for token ids of shape (T,); `input_shape` "
+            f"{shape} is not. Received: vocab_size={vocab_size}"
+        )
+    if kind == "tokens" and not is_integer_dtype(input_dtype):
+        raise ValueError(
+            "Token ids (`vocab_size` given) need an integer `input_dtype` such as "
+            f"'int32'. Received: input_dtype={input_dtype!r}"
+        )
+    if kind in ("vectors", "sequence") and is_integer_dtype(input_dtype):
+        raise ValueError(
+            f"Integer inputs of shape {shape} are token ids: give `vocab_size` (with "
+            f"input_shape=(T,)), or use a float `input_dtype`. Received: "
+            f"input_dtype={input_dtype!r}"
+        )
 
 
 def _check_names(arg, value, allowed):

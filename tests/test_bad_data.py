@@ -308,6 +308,31 @@ def test_stop_on_nan_from_a_nan_label_and_its_arguments():
         kf.callbacks.StopOnNaN(check_weights="yes")
 
 
+def test_stop_on_nan_watches_a_validation_value_at_the_epoch_end():
+    # "val_loss" is logged once per epoch, never per batch: it is checked at the epoch end.
+    x, y = _vectors()
+    y_val = y.copy()
+    y_val[0] = np.nan
+    model = _vector_model()
+    model.compile(optimizer="sgd", loss="mse")
+    saved = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            saved.append(epoch)
+
+    with pytest.raises(FloatingPointError, match="end of epoch 1: val_loss is nan"):
+        model.fit(
+            x,
+            y,
+            validation_data=(x, y_val),
+            epochs=2,
+            verbose=0,
+            callbacks=[kf.callbacks.StopOnNaN(monitor="val_loss"), Record()],
+        )
+    assert saved == []  # raised before the callbacks listed after it
+
+
 def test_stop_on_nan_lets_finite_training_finish():
     x, y = _vectors()
     model = _vector_model()

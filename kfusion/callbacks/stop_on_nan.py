@@ -32,7 +32,8 @@ class StopOnNaN(keras.callbacks.Callback):
     checkpoint. This callback raises `FloatingPointError` instead, from the batch whose
     logged loss is not finite (`not isfinite(loss)`), naming the epoch, the batch and the
     value. `fit` aborts there, before any `on_epoch_end`, so the checkpoints written by
-    earlier epochs stay as they were.
+    earlier epochs stay as they were. A value logged only per epoch (a validation value
+    such as `"val_loss"`) is checked at the end of the epoch, still before the checkpoints.
 
     With `check_weights=True` it also checks, at the end of each epoch, that every
     floating-point weight of the model is finite (a step can return a finite loss and
@@ -44,13 +45,16 @@ class StopOnNaN(keras.callbacks.Callback):
     `kfusion train` does.
 
     Args:
-        monitor: str, the logged value to watch. Defaults to `"loss"`.
+        monitor: str, the logged value to watch: after every batch, and at the end of each
+            epoch (where validation values such as `"val_loss"` are logged). Defaults to
+            `"loss"`.
         check_weights: bool, also check the weights at the end of every epoch.
             Defaults to True.
 
     Raises:
         FloatingPointError: from `fit`, when the monitored value is NaN or infinite
-            after a batch, or (with `check_weights`) a weight is at the end of an epoch.
+            after a batch or at the end of an epoch, or (with `check_weights`) a weight
+            is at the end of an epoch.
 
     Example:
 
@@ -97,6 +101,15 @@ class StopOnNaN(keras.callbacks.Callback):
             )
 
     def on_epoch_end(self, epoch, logs=None):
+        # Values logged only per epoch (validation ones such as "val_loss") are seen here.
+        value = (logs or {}).get(self.monitor)
+        if value is not None and not math.isfinite(_as_float(value)):
+            raise FloatingPointError(
+                f"Training stopped at the end of epoch {epoch + 1}: {self.monitor} is "
+                f"{_as_float(value)}. fit was aborted before this epoch's checkpoints, so "
+                "earlier ones are intact. Common causes: a learning rate too high, NaN or "
+                "inf values in the inputs or labels (or the validation data)."
+            )
         if not self.check_weights:
             return
         path = _first_non_finite(self.model.weights)

@@ -1,3 +1,5 @@
+import weakref
+
 import keras
 import numpy as np
 
@@ -19,6 +21,7 @@ def cross_validate(
     task="classification",
     seed=0,
     fit_kwargs=None,
+    from_logits=None,
 ):
     """K-fold cross-validation with a fresh model per fold.
 
@@ -40,7 +43,8 @@ def cross_validate(
         build_fn: a callable with no arguments returning a new compiled `keras.Model`
             (an uncompiled `FusionModel` is compiled with `optimizer="adam"` and its
             head's loss). Classifiers return probabilities or logits `(batch, K)` (one
-            unit: binary, threshold 0.5 on probabilities, 0 on logits).
+            unit: binary, threshold 0.5 on probabilities, 0 on logits; see
+            `from_logits`). Each call must return a new model, never one returned before.
         x: a NumPy array, or a dict of arrays with one row per sample.
         y: NumPy array of targets (integer labels for classification).
         folds: int >= 2, the number of folds.
@@ -48,6 +52,9 @@ def cross_validate(
         task: `"classification"` or `"regression"`.
         seed: int >= 0, seed of the split and of each fold's model.
         fit_kwargs: dict of extra `fit` arguments (`batch_size`, `callbacks`, ...).
+        from_logits: None (a FusionModel's head says whether it outputs logits; any other
+            model is taken to output probabilities), or a bool for every model. Decides
+            the threshold of a one-unit classifier.
 
     Returns:
         A dict: `"folds"`, a list with one dict per fold (`"fold"`, `"train_size"`,
@@ -56,7 +63,8 @@ def cross_validate(
 
     Raises:
         ValueError: for a bad argument (named with its value), `x` and `y` of different
-            lengths, or fewer samples of a class than folds.
+            lengths, fewer samples of a class than folds, or a `build_fn` that returns a
+            model it returned for an earlier fold.
 
     Example:
 
@@ -85,6 +93,7 @@ def cross_validate(
     task = _utils.check_choice("task", task, TASKS)
     seed = _utils.check_int("seed", seed, minimum=0)
     fit_kwargs = _check_fit_kwargs(fit_kwargs)
+    from_logits = _common.check_from_logits(from_logits)
     n = _num_samples(x)
     y = np.asarray(y)
     if len(y) != n:
@@ -99,6 +108,7 @@ def cross_validate(
     classes = np.unique(y) if task == "classification" else None
 
     results = []
+    built = []  # weak references: earlier folds' models may still be freed
     for k, (train, test) in enumerate(splits):
         keras.utils.set_random_seed(seed + k)
         model = build_fn()
@@ -106,6 +116,13 @@ def cross_validate(
             raise ValueError(
                 f"`build_fn` must return a keras.Model. Received: build_fn() -> {model!r}"
             )
+        if any(ref() is model for ref in built):
+            # A model trained in an earlier fold has seen this fold's test rows.
+            raise ValueError(
+                "`build_fn` must return a new model for every fold; it returned the model "
+                f"of an earlier fold again. Received: build_fn() -> {model.name!r} in fold {k}"
+            )
+        built.append(weakref.ref(model))
         if not model.compiled:
             if hasattr(model, "head") and getattr(model, "head", None) is not None:
                 model.compile(optimizer="adam")
@@ -116,7 +133,7 @@ def cross_validate(
                 )
         model.fit(_rows(x, train), y[train], epochs=epochs, **{"verbose": 0, **fit_kwargs})
         pred = model.predict(_rows(x, test), verbose=0)
-        scores = _scores(model, y[test], pred, task, classes)
+        scores = _scores(model, y[test], pred, task, classes, from_logits)
         results.append({"fold": k, "train_size": len(train), "test_size": len(test), **scores})
 
     names = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
@@ -192,7 +209,7 @@ def _splits(y, n, folds, task, seed):
     return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(n), labels))
 
 
-def _scores(model, y_true, pred, task, classes):
+def _scores(model, y_true, pred, task, classes, from_logits=None):
     flat = keras.tree.flatten(pred)
     if len(flat) != 1:
         raise ValueError(
@@ -210,7 +227,10 @@ def _scores(model, y_true, pred, task, classes):
 
     if pred.ndim != 2:
         pred = pred.reshape(len(pred), -1)
-    space, _ = _common.output_kind(model) if len(model.outputs) == 1 else ("probabilities", None)
+    if len(model.outputs) == 1:
+        space, _ = _common.output_kind(model, from_logits)
+    else:
+        space = "logits" if from_logits else "probabilities"
     labels_pred = _common.predicted_labels(pred, space)
     labels_true = np.asarray(y_true).reshape(-1)
     precision, recall, f1, _ = precision_recall_fscore_support(

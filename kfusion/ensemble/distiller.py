@@ -40,7 +40,8 @@ class Distiller(keras.Model):
 
     Args:
         teacher: a built `keras.Model` (trained), a classifier.
-        student: a built `keras.Model` with the teacher's inputs and output shape.
+        student: a built `keras.Model`, not the teacher itself, with the teacher's inputs
+            and output shape.
         temperature: float > 0, the softening temperature `T`. Defaults to 3.0.
         alpha: float in [0, 1], the weight of the hard-label loss. Defaults to 0.1.
         from_logits: None (each FusionModel's head decides; other models output
@@ -82,6 +83,12 @@ class Distiller(keras.Model):
         temperature = _utils.check_positive_float("temperature", temperature)
         alpha = _check_alpha(alpha)
         from_logits = _common.check_from_logits(from_logits)
+        if student is teacher:
+            # The teacher is frozen, so a student that is the teacher would never train.
+            raise ValueError(
+                "`student` must be another model than `teacher` (the teacher is frozen). "
+                f"Received: teacher={teacher.name!r}, student={student.name!r} (one model)"
+            )
         _common.check_same_inputs([teacher, student], name="teacher and student")
         _common.single_output(teacher, name="teacher")
         _common.single_output(student, name="student")

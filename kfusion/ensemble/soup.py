@@ -49,7 +49,8 @@ def soup(models, x_val=None, y_val=None, method="uniform", metric="accuracy", fr
 
     Raises:
         ValueError: for an empty list, architectures that differ, an unknown `method`
-            or `metric`, or `method="greedy"` without validation data.
+            or `metric`, or `method="greedy"` without validation data or with `x_val`
+            and `y_val` of different lengths.
 
     Example:
 
@@ -78,6 +79,7 @@ def soup(models, x_val=None, y_val=None, method="uniform", metric="accuracy", fr
             raise ValueError("`method='greedy'` needs validation data. Received: x_val=None")
         if y_val is None:
             raise ValueError("`method='greedy'` needs validation data. Received: y_val=None")
+        _check_same_rows(x_val, y_val)
     weights = [m.get_weights() for m in models]
     _check_same_architecture(models, weights)
 
@@ -105,6 +107,17 @@ def soup(models, x_val=None, y_val=None, method="uniform", metric="accuracy", fr
             best = trial
     result.set_weights(_mean_weights(ingredients))
     return result
+
+
+def _check_same_rows(x_val, y_val):
+    """Raises `ValueError` unless every array of `x_val` has as many rows as `y_val`."""
+    rows = {len(item) for item in keras.tree.flatten(x_val) if np.ndim(item) >= 1}
+    y_rows = len(y_val) if np.ndim(y_val) >= 1 else None
+    if y_rows is not None and rows and rows != {y_rows}:
+        raise ValueError(
+            "`x_val` and `y_val` must have one row per validation sample. Received: "
+            f"{sorted(rows)} row(s) in x_val and {y_rows} in y_val"
+        )
 
 
 def _check_metric(metric):

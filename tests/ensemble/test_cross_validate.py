@@ -136,3 +136,37 @@ def test_bad_data_and_build_fn():
         kf.ensemble.cross_validate(plain, x, y, folds=2, epochs=1)
     with pytest.raises(ValueError, match="one integer label per sample"):
         kf.ensemble.cross_validate(_classifier, x, np.eye(3)[y], folds=2, epochs=1)
+
+
+def test_plain_logit_classifier_is_thresholded_at_zero_with_from_logits():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 3)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    models = []
+
+    def build():
+        i = keras.Input((3,))
+        models.append(keras.Model(i, keras.layers.Dense(1)(i)))  # one logit, no sigmoid
+        models[-1].compile(
+            optimizer=keras.optimizers.Adam(0.1),
+            loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        )
+        return models[-1]
+
+    result = kf.ensemble.cross_validate(build, x, y, folds=2, epochs=3, from_logits=True)
+    from sklearn.model_selection import StratifiedKFold
+
+    splits = StratifiedKFold(2, shuffle=True, random_state=0).split(x, y)
+    for fold, model, (_, test) in zip(result["folds"], models, splits):
+        logits = model.predict(x[test], verbose=0)[:, 0]
+        assert fold["accuracy"] == pytest.approx(np.mean((logits > 0) == y[test]))
+    with pytest.raises(ValueError, match="from_logits='yes'"):
+        kf.ensemble.cross_validate(build, x, y, folds=2, epochs=1, from_logits="yes")
+
+
+def test_build_fn_returning_an_earlier_model_is_refused():
+    # A model trained in fold 0 has seen fold 1's test rows: its score would leak.
+    x, y = _three_classes(n=60)
+    model = _classifier()
+    with pytest.raises(ValueError, match="new model for every fold.*in fold 1"):
+        kf.ensemble.cross_validate(lambda: model, x, y, folds=2, epochs=1)

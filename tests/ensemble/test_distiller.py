@@ -198,6 +198,8 @@ def test_bad_models():
         kf.ensemble.Distiller(teacher, _mlp((2,), name="s", num_classes=3))
     with pytest.raises(ValueError, match="same inputs"):
         kf.ensemble.Distiller(teacher, _mlp((2,), name="s", width=32))
+    with pytest.raises(ValueError, match="teacher='t', student='t'"):
+        kf.ensemble.Distiller(teacher, teacher)  # a frozen teacher as its own student
     regression = kf.FusionModel(
         inputs=keras.Input((64,), name="pixels"),
         branches=[kf.branches.MLP(units=(2,))],

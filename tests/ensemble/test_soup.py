@@ -158,6 +158,8 @@ def test_bad_arguments():
         kf.ensemble.soup(models, method="greedy")
     with pytest.raises(ValueError, match="y_val=None"):
         kf.ensemble.soup(models, x_val=x, method="greedy")
+    with pytest.raises(ValueError, match="\\[4\\] row\\(s\\) in x_val and 3 in y_val"):
+        kf.ensemble.soup(models, x, y[:3], method="greedy")
     with pytest.raises(ValueError, match="models=\\[\\]"):
         kf.ensemble.soup([])
     with pytest.raises(ValueError, match="models=<Functional"):

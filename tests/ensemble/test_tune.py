@@ -123,6 +123,11 @@ BAD_ARGUMENTS = [
     ({"learning_rate": 1e-3}, r"learning_rate=0\.001"),
     ({"input_dtype": "nope"}, "input_dtype='nope'"),
     ({"vocab_size": 1}, "vocab_size=1"),
+    # dtype and vocab_size must agree, or every trial would fail in build().
+    ({"input_shape": (12,), "vocab_size": 50}, "input_dtype='float32'"),
+    ({"input_shape": (12,), "input_dtype": "int32"}, "input_dtype='int32'"),
+    ({"input_dtype": "int32"}, "input_dtype='int32'"),
+    ({"input_dtype": "int32", "vocab_size": 50}, "vocab_size=50"),
 ]
 
 
