@@ -155,8 +155,19 @@ class BaseBranch(keras.layers.Layer):
             return tuple(input_shape) + (self.embedding.output_dim,)
         return tuple(input_shape)
 
+    def _make_input_spec(self, kind, shape):
+        """What later calls must match: the rank `build` saw and the feature size.
+
+        Without it a built branch would run an input of another kind or width through
+        sub-layers built for the first one (a Conv1D on an image, for one).
+        """
+        if kind == "tokens":
+            return keras.InputSpec(ndim=2)
+        return keras.InputSpec(ndim=len(shape), axes={-1: shape[-1]})
+
     def build(self, input_shape):
         self.input_kind = self.check_input(input_shape)
+        self.input_spec = self._make_input_spec(self.input_kind, tuple(input_shape))
         if self.embedding is not None:
             self.embedding.build(tuple(input_shape))
         body_shape = self._body_input_shape(input_shape)

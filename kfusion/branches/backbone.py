@@ -285,6 +285,10 @@ class Backbone(BaseBranch):
             )
         return out
 
+    def _make_input_spec(self, kind, shape):
+        # Images of 1 to C channels are all accepted (`_call_body` checks the count).
+        return keras.InputSpec(ndim=4)
+
     # ------------------------------------------------------------ branch contract
     def _build_body(self, kind, shape):
         shape = tuple(shape)
@@ -301,6 +305,7 @@ class Backbone(BaseBranch):
         self._freeze_if_needed()
 
     def _call_body(self, x, mask, kind, training):
+        self._check_image(tuple(x.shape))
         x = ops.cast(x, self.compute_dtype)
         channels, wanted = x.shape[-1], self._model_channels()
         if wanted is not None and channels != wanted:

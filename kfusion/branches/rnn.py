@@ -149,6 +149,11 @@ class RNN(BaseBranch):
             )
         return (batch, height, width * channels)
 
+    def _make_input_spec(self, kind, shape):
+        if kind == "image":  # rows of width * channels features: both are fixed
+            return keras.InputSpec(ndim=4, axes={-2: shape[2], -1: shape[3]})
+        return super()._make_input_spec(kind, shape)
+
     # ----------------------------------------------------------- body contract
     def _build_body(self, kind, shape):
         shape = tuple(shape)

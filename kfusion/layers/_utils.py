@@ -188,6 +188,16 @@ def check_ranks(shapes, layer_name, ranks):
             )
 
 
+def vector_input_specs(shapes):
+    """One `keras.InputSpec` per branch vector: rank 2 and the width `build` saw.
+
+    Set as `layer.input_spec` in `build`, so a later call with another number of inputs
+    or another width fails with keras' clear message instead of silently dropping or
+    mixing up branches.
+    """
+    return [keras.InputSpec(ndim=2, axes={-1: shape[-1]}) for shape in shapes]
+
+
 def softmax_float32(logits, axis=-1):
     """Softmax computed in float32 whatever the compute dtype (mixed precision safe)."""
     return ops.softmax(ops.cast(logits, "float32"), axis=axis)

@@ -84,6 +84,7 @@ class AttentionFusion(WeightedFusionBase):
         name = self.__class__.__name__
         shapes = _utils.flatten_shapes(input_shape, name)
         _utils.check_ranks(shapes, name, {2})
+        self.input_spec = _utils.vector_input_specs(shapes)
         self.projections = [
             keras.layers.Dense(self.units, dtype=self.dtype_policy, name=f"projection_{i}")
             for i in range(len(shapes))

@@ -150,6 +150,10 @@ class CrossAttentionFusion(keras.layers.Layer):
 
     def build(self, input_shape):
         shapes = self._shapes(input_shape)
+        # Later calls need as many inputs, each of the same width (a vector or a sequence).
+        self.input_spec = [
+            keras.InputSpec(min_ndim=2, max_ndim=3, axes={-1: s[-1]}) for s in shapes
+        ]
         tokens = [s[1] if len(s) == 3 else 1 for s in shapes]
         for i, shape in enumerate(shapes):
             projection = keras.layers.Dense(

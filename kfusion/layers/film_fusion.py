@@ -111,6 +111,11 @@ class FiLMFusion(keras.layers.Layer):
 
     def build(self, input_shape):
         h_shape, c_shape = self._shapes(input_shape)
+        _, _, h_index = self._split(input_shape)
+        specs = [None, None]
+        specs[h_index] = keras.InputSpec(min_ndim=2, max_ndim=3, axes={-1: h_shape[-1]})
+        specs[1 - h_index] = keras.InputSpec(ndim=2, axes={-1: c_shape[-1]})
+        self.input_spec = specs
         self.gamma_dense = keras.layers.Dense(h_shape[-1], dtype=self.dtype_policy, name="gamma")
         self.beta_dense = keras.layers.Dense(h_shape[-1], dtype=self.dtype_policy, name="beta")
         self.gamma_dense.build(c_shape)

@@ -79,6 +79,7 @@ class GatedFusion(WeightedFusionBase):
         name = self.__class__.__name__
         shapes = _utils.flatten_shapes(input_shape, name)
         _utils.check_ranks(shapes, name, {2})
+        self.input_spec = _utils.vector_input_specs(shapes)
         self.num_branches = len(shapes)
         self.projections = [
             keras.layers.Dense(

@@ -57,6 +57,7 @@ class LowRankFusion(keras.layers.Layer):
 
     def build(self, input_shape):
         shapes = self._shapes(input_shape)
+        self.input_spec = _utils.vector_input_specs(shapes)
         # Initialisation keeps the output variance near 1 whatever the number of
         # branches M. The output is a product of M factors, so a per-factor
         # variance v gives v**M: glorot-style scales (which depend on `units`)

@@ -28,7 +28,7 @@ class PositionEmbedding(keras.layers.Layer):
         inputs: a tensor of shape `(batch, T, d)`; `T` may be unknown until
             call time and must then be at most `max_length`. A statically
             known `T > max_length` raises `ValueError` when the layer is
-            built.
+            built or called.
         mask: the keras mask of `inputs` (passed by keras).
 
     Returns:
@@ -55,16 +55,19 @@ class PositionEmbedding(keras.layers.Layer):
         self.supports_masking = True
         self.embeddings = None
 
+    def _check_length(self, length):
+        if length is not None and length > self.max_length:
+            raise ValueError(
+                f"{self.__class__.__name__} got a sequence longer than its table. "
+                f"Received: length={length}, max_length={self.max_length}"
+            )
+
     def build(self, input_shape):
         name = self.__class__.__name__
         input_shape = tuple(input_shape)
         _utils.check_ranks([input_shape], name, {3})
-        length = input_shape[1]
-        if length is not None and length > self.max_length:
-            raise ValueError(
-                f"{name} got a sequence longer than its table. "
-                f"Received: length={length}, max_length={self.max_length}"
-            )
+        self._check_length(input_shape[1])
+        self.input_spec = keras.InputSpec(ndim=3, axes={-1: input_shape[-1]})
         self.embeddings = self.add_weight(
             shape=(self.max_length, input_shape[-1]),
             initializer=keras.initializers.get(self.initializer),
@@ -73,6 +76,8 @@ class PositionEmbedding(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, mask=None):
+        # A built layer may get longer sequences later: check the static length again.
+        self._check_length(inputs.shape[1])
         shape = ops.shape(inputs)
         table = ops.convert_to_tensor(self.embeddings)
         table = ops.slice(table, (0, 0), (shape[1], shape[2]))

@@ -167,6 +167,7 @@ class TransformerBlock(keras.layers.Layer):
         input_shape = tuple(input_shape)
         _utils.check_ranks([input_shape], name, {3})
         dim = input_shape[-1]
+        self.input_spec = keras.InputSpec(ndim=3, axes={-1: dim})
         key_dim = self.key_dim if self.key_dim is not None else dim // self.num_heads
         if key_dim < 1:
             raise ValueError(

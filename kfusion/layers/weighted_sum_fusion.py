@@ -76,6 +76,7 @@ class WeightedSumFusion(WeightedFusionBase):
         name = self.__class__.__name__
         shapes = _utils.flatten_shapes(input_shape, name)
         _utils.check_ranks(shapes, name, {2})
+        self.input_spec = _utils.vector_input_specs(shapes)
         if self.units is None and len({s[-1] for s in shapes}) > 1:
             raise ValueError(
                 f"{name} with units=None needs inputs of equal width (set `units` to "

@@ -413,3 +413,17 @@ def test_bad_inputs(images):
     with pytest.raises(ValueError, match=r"input_size"):
         Backbone("NASNetMobile")(keras.Input((None, None, 3)))
     keras.backend.clear_session()
+
+
+def test_built_branch_rejects_more_channels(images):
+    branch = Backbone(tiny_model())
+    branch(images[..., :1])  # grey images are repeated to 3 channels
+    with pytest.raises(ValueError, match=r"1 to 3 channels"):
+        branch(np.concatenate([images, images[..., :1]], axis=-1))
+
+
+def test_save_and_load_mixed_float16(images, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    branch = Backbone(tiny_model(), pooling="max", output_dim=3)
+    loaded = helpers.check_saving(branch, images, tmp_path, atol=1e-2)
+    assert loaded.layers[-1].dtype_policy.name == "mixed_float16"

@@ -303,3 +303,20 @@ def test_bad_inputs(seq):
         CNN(filters=4, vocab_size=VOCAB)(seq)
     with pytest.raises(ValueError, match="known feature"):
         CNN(filters=4)(keras.Input((5, None)))
+
+
+def test_built_branch_rejects_another_kind_or_width(seq, images):
+    branch = CNN(filters=4)
+    branch(seq)
+    with pytest.raises(ValueError, match="expected ndim=3"):
+        branch(images)  # a Conv1D built for sequences would run on the images
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 3"):
+        branch(seq[..., :2])
+
+
+@pytest.mark.parametrize("kind", ["tokens", "image"])
+def test_save_and_load_mixed_float16(inputs_by_kind, kind, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    branch = make(kind, residual=True, normalization="batch", pooling="max")
+    loaded = helpers.check_saving(branch, inputs_by_kind[kind], tmp_path, atol=1e-3)
+    assert loaded.layers[-1].dtype_policy.name == "mixed_float16"

@@ -283,3 +283,18 @@ def test_bad_inputs(seq):
         RNN(units=4)(keras.Input((6, None, 3)))
     with pytest.raises(ValueError, match="known feature"):
         RNN(units=4)(keras.Input((5, None)))
+
+
+def test_built_branch_rejects_another_image_width(images):
+    branch = RNN(units=4)
+    branch(images)  # rows of 5 * 2 features
+    with pytest.raises(ValueError, match="expected axis -2 of input shape to have value 5"):
+        branch(images[:, :, :4])
+
+
+@pytest.mark.parametrize("cell, pooling", [("gru", "last"), ("lstm", "mean")])
+def test_save_and_load_mixed_float16(ids, cell, pooling, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    branch = make("tokens", cell=cell, bidirectional=True, pooling=pooling)
+    loaded = helpers.check_saving(branch, ids, tmp_path, atol=1e-3)
+    assert loaded.layers[-1].dtype_policy.name == "mixed_float16"

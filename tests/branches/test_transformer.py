@@ -338,3 +338,22 @@ def test_bad_inputs(seq, images):
         make("image", patch_size=9)(images)
     with pytest.raises(ValueError, match="known feature"):
         make("sequence")(keras.Input((5, None)))
+
+
+def test_built_branch_rejects_a_longer_sequence_or_another_kind(seq, images):
+    branch = Transformer(dim=8, depth=1, num_heads=2, max_length=8)
+    branch(seq)
+    with pytest.raises(ValueError, match=re.escape("length=9, max_length=8")):
+        branch(np.zeros((2, 9, seq.shape[-1]), "float32"))
+    with pytest.raises(ValueError, match="expected ndim=3"):
+        branch(images)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_save_and_load_mixed_float16(ids, norm_first, rng, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    branch = make("tokens", depth=2, pooling="cls", norm_first=norm_first)
+    branch.build(ids.shape)
+    _randomize_cls(branch, rng)
+    loaded = helpers.check_saving(branch, ids, tmp_path, atol=1e-3)
+    assert loaded.layers[-1].dtype_policy.name == "mixed_float16"

@@ -99,3 +99,10 @@ def test_bad_inputs(arrays):
     with pytest.raises(ValueError, match="rank 2"):
         ConcatFusion()([arrays[0], np.ones((8, 4, 2), "float32")])
     keras.backend.clear_session()
+
+
+def test_save_and_load_mixed_float16(arrays, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    loaded = helpers.check_saving(ConcatFusion(units=4), arrays, tmp_path, atol=1e-3)
+    layer = next(layer for layer in loaded.layers if isinstance(layer, ConcatFusion))
+    assert layer.dtype_policy.name == "mixed_float16"

@@ -312,3 +312,22 @@ def test_bad_inputs(arrays):
     with pytest.raises(ValueError, match="known feature size"):
         CrossAttentionFusion(dim=8)([keras.Input((4, None)), keras.Input((3,))])
     keras.backend.clear_session()
+
+
+def test_built_layer_rejects_other_inputs(arrays):
+    """A built layer never silently drops a branch or takes another width."""
+    layer = CrossAttentionFusion(dim=8, num_heads=2)
+    layer(arrays)
+    with pytest.raises(ValueError, match="expects 3 input"):
+        layer(arrays[:2])
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 3"):
+        layer([arrays[1], arrays[0], arrays[2]])
+
+
+def test_save_and_load_mixed_float16(arrays, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    loaded = helpers.check_saving(
+        CrossAttentionFusion(dim=8, num_heads=2), arrays, tmp_path, atol=1e-3
+    )
+    layer = next(layer for layer in loaded.layers if isinstance(layer, CrossAttentionFusion))
+    assert layer.dtype_policy.name == "mixed_float16"

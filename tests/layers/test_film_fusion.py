@@ -204,3 +204,20 @@ def test_bad_inputs(sequences):
     with pytest.raises(ValueError, match="condition='question'"):
         FiLMFusion(condition="question")({"a": h, "b": c})  # key not there
     keras.backend.clear_session()
+
+
+def test_built_layer_rejects_other_widths(sequences):
+    h, c = sequences
+    layer = FiLMFusion()
+    layer([h, c])
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 6"):
+        layer([h[..., :4], c])
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 3"):
+        layer([h, c[:, :2]])
+
+
+def test_save_and_load_mixed_float16(sequences, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    loaded = helpers.check_saving(FiLMFusion(activation="relu"), sequences, tmp_path, atol=1e-3)
+    layer = next(layer for layer in loaded.layers if isinstance(layer, FiLMFusion))
+    assert layer.dtype_policy.name == "mixed_float16"

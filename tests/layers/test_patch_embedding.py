@@ -120,3 +120,10 @@ def test_bad_inputs(images):
         PatchEmbedding(4, 6)(keras.Input((3, None, C)))
     with pytest.raises(ValueError, match="rank 4"):
         PatchEmbedding(4, 6)(images[:, 0])
+
+
+def test_save_and_load_mixed_float16(images, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    loaded = helpers.check_saving(PatchEmbedding((2, 3), 6), images, tmp_path, atol=1e-3)
+    layer = next(layer for layer in loaded.layers if isinstance(layer, PatchEmbedding))
+    assert layer.dtype_policy.name == "mixed_float16"

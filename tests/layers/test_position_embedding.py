@@ -131,3 +131,19 @@ def test_bad_inputs(x):
         PositionEmbedding(8)(x[:, 0])
     with pytest.raises(ValueError, match="known feature size"):
         PositionEmbedding(8)(keras.Input((4, None)))
+
+
+def test_built_layer_rejects_another_width_or_a_longer_sequence(x):
+    layer = PositionEmbedding(8)
+    layer(x)
+    with pytest.raises(ValueError, match=f"expected axis -1 of input shape to have value {D}"):
+        layer(x[..., :4])  # would add the first 4 columns of the table
+    with pytest.raises(ValueError, match=re.escape("length=9, max_length=8")):
+        layer(np.zeros((B, 9, D), "float32"))
+
+
+def test_save_and_load_mixed_float16(x, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    loaded = helpers.check_saving(PositionEmbedding(8), x, tmp_path, atol=1e-3)
+    layer = next(layer for layer in loaded.layers if isinstance(layer, PositionEmbedding))
+    assert layer.dtype_policy.name == "mixed_float16"

@@ -309,3 +309,17 @@ def test_bad_inputs(x):
         TransformerBlock(2, 16)(x[:, :, :, None])
     with pytest.raises(ValueError, match=re.escape("d=2, num_heads=4")):
         TransformerBlock(4, 16)(x[:, :, :2])
+
+
+def test_built_layer_rejects_another_width(x):
+    layer = TransformerBlock(2, 16)
+    layer(x)
+    with pytest.raises(ValueError, match=f"expected axis -1 of input shape to have value {D}"):
+        layer(x[..., :6])
+
+
+def test_save_and_load_mixed_float16(x, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    loaded = helpers.check_saving(TransformerBlock(2, 16, norm_first=False), x, tmp_path, atol=1e-3)
+    layer = next(layer for layer in loaded.layers if isinstance(layer, TransformerBlock))
+    assert layer.dtype_policy.name == "mixed_float16"

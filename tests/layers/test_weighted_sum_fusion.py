@@ -194,3 +194,28 @@ def test_bad_inputs(arrays):
     with pytest.raises(ValueError, match="return_weights='yes'"):
         WeightedSumFusion(units=4)(arrays, return_weights="yes")
     keras.backend.clear_session()
+
+
+def test_built_layer_rejects_other_inputs(arrays):
+    """A built layer never silently drops, adds or mixes up branches."""
+    layer = WeightedSumFusion(units=4)
+    layer(arrays)
+    with pytest.raises(ValueError, match="expects 3 input"):
+        layer(arrays[:2])
+    with pytest.raises(ValueError, match="expects 3 input"):
+        layer(arrays + arrays[:1])
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 5"):
+        layer([arrays[0], arrays[2], arrays[1]])
+
+
+def test_save_and_load_mixed_float16(arrays, tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
+    loaded = helpers.check_saving(
+        WeightedSumFusion(units=4, activation="tanh"),
+        arrays,
+        tmp_path,
+        atol=1e-3,
+        return_weights=True,
+    )
+    layer = next(layer for layer in loaded.layers if isinstance(layer, WeightedSumFusion))
+    assert layer.dtype_policy.name == "mixed_float16"
