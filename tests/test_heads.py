@@ -459,3 +459,45 @@ def test_bad_inputs(features):
         heads.MultiTask({"a": heads.Regression()})(keras.Input((3, 4)))
     with pytest.raises(ValueError, match="known D"):
         heads.MultiLabel(2)(keras.Input((None,)))
+
+
+# ---------------------------------------------------------------- label checks
+@pytest.mark.parametrize(
+    "head, labels, expected",
+    [
+        (heads.Regression(), np.zeros((4, 3)), r"\(batch, 1\) or \(batch,\).*\(4, 3\)"),
+        (heads.Regression(2), np.zeros(4), r"\(batch, 2\).*\(4,\)"),
+        (heads.Regression(2), np.zeros((4, 3)), r"\(batch, 2\).*\(4, 3\)"),
+        (heads.MultiLabel(3), np.zeros(4), r"\(batch, 3\).*\(4,\)"),
+        (heads.MultiLabel(3), np.zeros((4, 5)), r"\(batch, 3\).*\(4, 5\)"),
+        (heads.Classification(2), np.eye(2), r"\(batch,\) or \(batch, 1\).*\(2, 2\).*argmax"),
+        (heads.Classification(3), np.zeros((4, 1, 1)), r"\(batch,\) or \(batch, 1\)"),
+    ],
+)
+def test_labels_of_the_wrong_shape_name_the_expected_shape(head, labels, expected):
+    # keras would broadcast (batch, 3) targets against one regression output silently.
+    with pytest.raises(ValueError, match=f"labels y for head '{head.name}'.*{expected}"):
+        head.check_labels(labels)
+
+
+def test_labels_of_the_right_shape_pass():
+    heads.Regression().check_labels(np.zeros(4))
+    heads.Regression().check_labels(np.zeros((4, 1)))
+    heads.Regression(2).check_labels(np.zeros((4, 2)))
+    heads.MultiLabel(1).check_labels(np.zeros(4))
+    heads.MultiLabel(3).check_labels(np.zeros((4, 3)))
+    heads.Classification(2).check_labels(np.array([[0], [1]]))
+    heads.Classification(3).check_labels(np.array([0, 2]))
+
+
+def test_multi_task_labels_need_one_entry_per_task():
+    head = heads.MultiTask({"label": heads.Classification(3), "score": heads.Regression()})
+    head.check_labels({"label": np.array([0, 2]), "score": np.ones(2)})
+    with pytest.raises(ValueError, match=r"one entry per task.*\['lable', 'score'\]"):
+        head.check_labels({"lable": np.array([0, 2]), "score": np.ones(2)})
+    with pytest.raises(ValueError, match=r"one entry per task.*Received keys \['score'\]"):
+        head.check_labels({"score": np.ones(2)})
+    with pytest.raises(ValueError, match=r"dict task name -> labels.*shape \(2,\)"):
+        head.check_labels(np.ones(2))
+    with pytest.raises(ValueError, match=r"labels y\['score'\].*\(batch, 1\)"):
+        head.check_labels({"label": np.array([0, 2]), "score": np.ones((2, 4))})

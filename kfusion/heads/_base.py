@@ -12,9 +12,12 @@ Subclasses pass `output_units` to `BaseHead.__init__` and implement:
 - `_activate(logits)`: the final activation on float32 logits (identity for logits/regression).
 - `default_loss()`: a fresh keras loss object for this head.
 - `default_metrics()`: a list of fresh keras metric objects for this head.
+- `_check_label_shape(y, name)` (optional): raise `ValueError` when the NumPy labels `y`
+  don't have the shape `default_loss()` needs; the default asks for `(batch, output_units)`,
+  or `(batch,)` too when `output_units == 1`.
 - `_check_label_values(y, name)` (optional): raise `ValueError` when the NumPy labels `y`
   can't be targets of `default_loss()`; `check_labels` has already checked they are finite
-  numbers.
+  numbers of the right shape.
 """
 
 import keras
@@ -98,8 +101,9 @@ class BaseHead(keras.layers.Layer):
         """Raises `ValueError` naming `name` when labels can't be `default_loss()` targets.
 
         Checks NumPy arrays and nested lists (datasets and backend tensors are left to
-        keras): the labels must be finite numbers, and each head checks their values (class
-        ids in range for `Classification`, values in [0, 1] for `MultiLabel`).
+        keras): the labels must be finite numbers of the shape the head's output needs
+        (`(batch, units)`, or `(batch,)` for one output), and each head checks their values
+        (class ids in range for `Classification`, values in [0, 1] for `MultiLabel`).
 
         Args:
             y: the labels passed to `fit` or `evaluate`.
@@ -118,8 +122,19 @@ class BaseHead(keras.layers.Layer):
                 f"The labels {name} for head '{self.name}' must be finite; "
                 f"{int((~np.isfinite(y)).sum())} of {y.size} are NaN or infinite."
             )
+        self._check_label_shape(y, name)
         if y.size:
             self._check_label_values(y, name)
+
+    def _check_label_shape(self, y, name):
+        units = self.output_units
+        if (y.ndim == 2 and y.shape[-1] == units) or (units == 1 and y.ndim == 1):
+            return
+        expected = f"(batch, {units})" + (" or (batch,)" if units == 1 else "")
+        raise ValueError(
+            f"The labels {name} for head '{self.name}' ({type(self).__name__}) must have "
+            f"shape {expected}, one column per output. Received shape {y.shape}."
+        )
 
     def _check_label_values(self, y, name):
         return None

@@ -107,17 +107,20 @@ class Classification(BaseHead):
             )
         return keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)
 
-    def _check_label_values(self, y, name):
-        if self.binary:
-            check_unit_interval(y, name, self)
-            return
-        if y.ndim > 2 or (y.ndim == 2 and y.shape[-1] != 1):
+    def _check_label_shape(self, y, name):
+        # Binary (one sigmoid unit) or not, the labels hold one class id per row.
+        if y.ndim not in (1, 2) or (y.ndim == 2 and y.shape[-1] != 1):
             raise ValueError(
                 f"The labels {name} for head '{self.name}' (Classification, "
                 f"num_classes={self.num_classes}) must be class ids of shape (batch,) or "
                 f"(batch, 1). Received shape {y.shape}; for one-hot labels pass "
                 f"`{name}.argmax(-1)`."
             )
+
+    def _check_label_values(self, y, name):
+        if self.binary:
+            check_unit_interval(y, name, self)
+            return
         low, high = y.min(), y.max()
         if low < 0 or high >= self.num_classes or (y != np.round(y)).any():
             raise ValueError(

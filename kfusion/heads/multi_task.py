@@ -1,6 +1,7 @@
 import copy
 
 import keras
+import numpy as np
 
 from kfusion.heads._base import BaseHead
 
@@ -85,14 +86,27 @@ class MultiTask(keras.layers.Layer):
     def check_labels(self, y, name="y"):
         """Checks a dict of labels task by task with each task head's `check_labels`.
 
+        The dict needs one entry per task; a NumPy array (one set of labels for several
+        outputs) is refused. Other kinds of labels are left to keras.
+
         Args:
             y: the labels passed to `fit` or `evaluate`: a dict task name -> labels.
             name: how the error message names them.
         """
+        if isinstance(y, np.ndarray):
+            raise ValueError(
+                f"The labels {name} for head '{self.name}' (MultiTask) must be a dict task "
+                f"name -> labels with keys {list(self.heads)}. Received an array of shape "
+                f"{y.shape}."
+            )
         if isinstance(y, dict):
+            if set(y) != set(self.heads):
+                raise ValueError(
+                    f"The labels {name} for head '{self.name}' (MultiTask) must have one "
+                    f"entry per task: {list(self.heads)}. Received keys {sorted(map(str, y))}."
+                )
             for task, labels in y.items():
-                if task in self.heads:
-                    self.heads[task].check_labels(labels, f"{name}[{task!r}]")
+                self.heads[task].check_labels(labels, f"{name}[{task!r}]")
 
     def get_config(self):
         return {
