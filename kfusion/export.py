@@ -18,6 +18,7 @@ format, or a non-empty folder that is not a SavedModel for `"saved_model"`.
 """
 
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -65,6 +66,28 @@ def _input_specs(model):
     ]
 
 
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
+
+
+def _check_path(path):
+    """`path` as a string; `ValueError` unless it is a non-empty str or os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"`path` must be a non-empty path. Received: path={path!r}")
+    return os.fspath(path)
+
+
+def _check_tolerance(name, value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0.0 <= float(value) < float("inf")
+    ):
+        raise ValueError(f"`{name}` must be a finite float >= 0. Received: {name}={value!r}")
+    return float(value)
+
+
 def probe_batch(model, batch_size=2, seed=0):
     """A small batch of inputs for `model`: normal floats, token ids >= 1 for int inputs.
 
@@ -84,6 +107,17 @@ def probe_batch(model, batch_size=2, seed=0):
     >>> probe_batch(keras.Model(i, keras.layers.Dense(1)(i))).shape
     (2, 3)
     """
+    _check_model(model)
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        raise ValueError(
+            f"`batch_size` must be an integer >= 1. Received: batch_size={batch_size!r}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"`seed` must be an integer >= 0. Received: seed={seed!r}")
     rng = np.random.default_rng(seed)
     out = {}
     for spec in _input_specs(model):
@@ -232,8 +266,13 @@ _SUFFIX = {"keras": ".keras", "onnx": ".onnx", "litert": ".tflite"}
 
 
 def _publish(tmp, path):
-    """Moves `tmp` to `path`; an earlier file or folder at `path` is replaced only then."""
-    if os.path.lexists(path):
+    """Moves `tmp` to `path`; an earlier file or folder at `path` is replaced only then.
+
+    A file replaces an earlier file in one atomic rename, so `path` is never missing. A
+    folder can't replace a folder that way: the earlier one is moved aside first and put
+    back if the second rename fails.
+    """
+    if os.path.lexists(path) and os.path.isdir(tmp):
         backup = f"{tmp}.previous"
         os.replace(path, backup)
         try:
@@ -319,8 +358,8 @@ def load(path):
     >>> type(kf.export.load(path)).__name__
     'FusionModel'
     """
-    path = os.fspath(path)
-    if not str(path).endswith(".keras"):
+    path = _check_path(path)
+    if not path.endswith(".keras"):
         raise ValueError(f"`path` must name a .keras file. Received: path={path!r}")
     unknown = _unknown_classes(_read_keras_config(path))
     if unknown:
@@ -378,7 +417,9 @@ def export(model, path, format="saved_model", probe=None, atol=1e-4, rtol=1e-4):
         The path written, as a string.
 
     Raises:
-        ValueError: for an unknown `format`, or a model whose weights hold NaN or inf.
+        ValueError: for an unknown `format`, a `model` that is not a keras Model or whose
+            weights hold NaN or inf, a `path` that is not a path, or an `atol`/`rtol` that
+            is not a finite float >= 0.
         FileExistsError: when `path` is a file (`"saved_model"`) or a folder that is
             not a SavedModel; IsADirectoryError when it is a folder for a file format.
             Nothing is written.
@@ -394,18 +435,20 @@ def export(model, path, format="saved_model", probe=None, atol=1e-4, rtol=1e-4):
     >>> os.path.basename(out)
     'm.keras'
     """
-    fmt = _ALIASES.get(format, format)
+    fmt = _ALIASES.get(format, format) if isinstance(format, str) else format
     if fmt not in FORMATS:
         raise ValueError(f"`format` must be one of {list(FORMATS)}. Received: format={format!r}")
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
+    _check_model(model)
+    path = _check_path(path)
+    atol = _check_tolerance("atol", atol)
+    rtol = _check_tolerance("rtol", rtol)
     bad = _first_non_finite(model.weights)
     if bad is not None:
         raise ValueError(
             f"`model` has NaN or inf values in weight {bad!r} (did training diverge?): "
             f"export refuses it and writes nothing. Received: model={model.name!r}"
         )
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(path)
     _check_destination(path, fmt)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

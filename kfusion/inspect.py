@@ -1,9 +1,14 @@
 """Look inside a FusionModel: architecture plots, branch weights, branch ablation."""
 
+import os
+import shutil
 import sys
+import tempfile
 
 import keras
 import numpy as np
+
+from kfusion.layers import _utils
 
 GRAPHVIZ_HINT = (
     "kfusion: architecture plot skipped: it needs pydot and Graphviz "
@@ -16,15 +21,18 @@ __all__ = ["ablation", "branch_labels", "branch_weights", "plot"]
 def plot(model, path, show_shapes=True, dpi=96, **kwargs):
     """Draws `model` (inputs -> branches -> fusion -> head) to an image file.
 
-    Uses `keras.utils.plot_model`. When pydot or Graphviz is missing, prints one line
-    saying how to get them and returns None instead of failing.
+    Draws what `keras.utils.plot_model` draws. When pydot or Graphviz is missing, prints
+    one line saying how to get them and returns None instead of failing. The image is
+    drawn beside `path` under a temporary name and renamed into place, so an earlier image
+    at `path` is only ever replaced by a whole one.
 
     Args:
         model: a keras Model.
         path: the image path (`.png`, `.svg`, `.pdf`).
         show_shapes: bool, whether to show the tensor shapes.
         dpi: int, resolution of raster images.
-        **kwargs: more `keras.utils.plot_model` arguments.
+        **kwargs: more `keras.utils.model_to_dot` arguments (`show_dtype`, `rankdir`,
+            `expand_nested`, ...).
 
     Returns:
         The path written, or None when the plotting tools are missing.
@@ -37,24 +45,38 @@ def plot(model, path, show_shapes=True, dpi=96, **kwargs):
     >>> model = keras.Model(i, keras.layers.Dense(1)(i))
     >>> out = inspect.plot(model, os.path.join(tempfile.mkdtemp(), "m.png"))
     """
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` must be a keras Model. Received: model={model!r}")
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"`path` must be a non-empty path. Received: path={path!r}")
+    show_shapes = _utils.check_bool("show_shapes", show_shapes)
+    dpi = _utils.check_int("dpi", dpi)
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-        keras.utils.plot_model(
-            model,
-            to_file=str(path),
-            show_shapes=show_shapes,
-            show_layer_names=True,
-            dpi=dpi,
-            **kwargs,
-        )
-    except ImportError:
-        print(GRAPHVIZ_HINT, file=sys.stderr)
-        return None
-    except OSError as e:  # pydot present, the `dot` program missing
-        if "dot" not in str(e).lower():
-            raise
-        print(GRAPHVIZ_HINT, file=sys.stderr)
-        return None
-    return str(path)
+        tmp = os.path.join(tmp_dir, os.path.basename(path))
+        extension = os.path.splitext(path)[1][1:] or "png"
+        try:
+            # `plot_model` without its last step, which under IPython shows the image and
+            # fails for formats it can't embed (`.svg`) after writing the file.
+            dot = keras.utils.model_to_dot(
+                model, show_shapes=show_shapes, show_layer_names=True, dpi=dpi, **kwargs
+            )
+            dot.write(tmp, format=extension)
+        except ImportError:
+            print(GRAPHVIZ_HINT, file=sys.stderr)
+            return None
+        except OSError as e:  # pydot present, the `dot` program missing
+            if "dot" not in str(e).lower():
+                raise
+            print(GRAPHVIZ_HINT, file=sys.stderr)
+            return None
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
 
 
 WEIGHTED_FUSIONS = ("AttentionFusion", "GatedFusion", "WeightedSumFusion")
@@ -83,6 +105,8 @@ def branch_labels(model):
     >>> kf.inspect.branch_labels(model)
     ['a/tied', 'b/tied']
     """
+    if not isinstance(getattr(model, "branch_map", None), dict):
+        raise ValueError(f"branch_labels needs a FusionModel. Received: model={model!r}")
     several = len(model.branch_map) > 1
     return [
         f"{input_name}/{branch}" if several else branch
@@ -96,6 +120,17 @@ def _require_fusion_model(model, what):
         raise ValueError(
             f"{what} needs a FusionModel with two or more branches. Received: model={model!r}"
         )
+
+
+def _check_inputs(model, x, batch_size):
+    """`batch_size` as an int; `x` checked against the model's inputs (names, shapes)."""
+    batch_size = _utils.check_int("batch_size", batch_size)
+    if x is None:
+        raise ValueError("`x` must be the model's inputs (an array or a dict of arrays).")
+    check_data = getattr(model, "check_data", None)
+    if check_data is not None:
+        check_data(x)
+    return batch_size
 
 
 def branch_weights(model, x, batch_size=256):
@@ -137,6 +172,7 @@ def branch_weights(model, x, batch_size=256):
             f"{kind}. Use kfusion.inspect.ablation(model, x, y), which works for every "
             "fusion kind."
         )
+    batch_size = _check_inputs(model, x, batch_size)
     features = model.branch_features()
     feats = features.predict(x, batch_size=batch_size, verbose=0)
     weights = []
@@ -211,7 +247,9 @@ def ablation(model, x, y, batch_size=256):
     head = model.head
     if head is not None and hasattr(head, "heads"):
         raise ValueError("ablation scores one output; this model has a MultiTask head.")
+    batch_size = _check_inputs(model, x, batch_size)
     feats = model.branch_features().predict(x, batch_size=batch_size, verbose=0)
+    _check_targets(head, y, len(feats[0]))
     masks = _feature_masks(model, x, feats)
 
     def predict(features):
@@ -234,6 +272,18 @@ def ablation(model, x, y, batch_size=256):
         _, score = _score(head, y, predict(ablated))
         report["branches"][label] = {"score": score, "drop": baseline - score}
     return report
+
+
+def _check_targets(head, y, rows):
+    """Raises `ValueError` unless `y` holds one target per sample, as the head needs."""
+    shape = np.shape(y) if y is not None else None
+    if shape is None or not shape or shape[0] != rows:
+        raise ValueError(
+            f"`y` must hold one target per sample of `x` ({rows} rows). "
+            f"Received: y of shape {shape}."
+        )
+    if head is not None and hasattr(head, "check_labels"):
+        head.check_labels(np.asarray(y))
 
 
 def _mean_features(feature, mask):

@@ -143,3 +143,65 @@ def test_litert_with_recurrent_branch_fails_clearly(tmp_path, data):
     with pytest.raises(kexport.ExportVerificationError, match="Select TensorFlow ops"):
         kexport.export(_model(), tmp_path / "m.tflite", format="litert", probe=data)
     assert os.listdir(tmp_path) == []
+
+
+def _dense_model():
+    i = keras.Input((3,), name="x")
+    return keras.Model(i, keras.layers.Dense(2)(i))
+
+
+def test_a_file_export_replaces_the_earlier_file_in_one_rename(tmp_path, monkeypatch):
+    # Moving the earlier file aside first would leave nothing at `path` for a moment (and
+    # after a crash there); one os.replace onto it never does.
+    path = tmp_path / "m.keras"
+    kexport.export(_dense_model(), path, format="keras")
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append((os.fspath(src), os.fspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(kexport.os, "replace", replace)
+    kexport.export(_dense_model(), path, format="keras")
+    assert len(renames) == 1 and renames[0][1] == str(path)
+    assert sorted(os.listdir(tmp_path)) == ["m.keras"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"path": None}, "path"),
+        ({"path": ""}, "path"),
+        ({"format": ["keras"]}, "format"),
+        ({"atol": "tight"}, "atol"),
+        ({"atol": -1.0}, "atol"),
+        ({"rtol": float("nan")}, "rtol"),
+        ({"model": "model.keras"}, "model"),
+    ],
+)
+def test_export_bad_arguments(tmp_path, kwargs, name):
+    args = {"model": _dense_model(), "path": tmp_path / "m.keras", "format": "keras", **kwargs}
+    with pytest.raises(ValueError, match=f"Received: {name}="):
+        kexport.export(**args)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": "2"}, "batch_size"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_probe_batch_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"Received: {name}="):
+        kexport.probe_batch(_dense_model(), **kwargs)
+    with pytest.raises(ValueError, match="Received: model=None"):
+        kexport.probe_batch(None)
+
+
+def test_load_bad_path():
+    with pytest.raises(ValueError, match="Received: path=None"):
+        kexport.load(None)

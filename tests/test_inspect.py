@@ -1,4 +1,6 @@
 import io
+import os
+import shutil
 import sys
 
 import keras
@@ -103,10 +105,61 @@ def test_plot_degrades_with_a_clear_message(tmp_path, monkeypatch):
     def missing(*args, **kwargs):
         raise ImportError("You must install pydot")
 
-    monkeypatch.setattr(keras.utils, "plot_model", missing)
+    monkeypatch.setattr(keras.utils, "model_to_dot", missing)
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     model = kf.FusionModel(inputs=keras.Input((6,)), branches=[kf.branches.MLP()])
     assert kinspect.plot(model, tmp_path / "x.png") is None
     assert "pydot" in err.getvalue() and "graphviz" in err.getvalue().lower()
     assert not (tmp_path / "x.png").exists()
+
+
+class _DotWithoutGraphviz:
+    """What `model_to_dot` returns when pydot is installed but not the `dot` program."""
+
+    def write(self, path, format="png"):
+        with open(path, "wb") as f:
+            f.write(b"half")  # whatever a failed drawing left behind
+        raise FileNotFoundError('"dot" not found in path.')
+
+
+def test_plot_without_the_dot_program_keeps_an_earlier_image(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(keras.utils, "model_to_dot", lambda *a, **k: _DotWithoutGraphviz())
+    image = tmp_path / "x.png"
+    image.write_bytes(b"earlier image")
+    model = kf.FusionModel(inputs=keras.Input((6,)), branches=[kf.branches.MLP()])
+    assert kinspect.plot(model, image) is None
+    assert "Graphviz" in capsys.readouterr().err
+    assert image.read_bytes() == b"earlier image"
+    assert os.listdir(tmp_path) == ["x.png"]
+
+
+@pytest.mark.parametrize("name", ["m.svg", "m.png"])
+def test_plot_writes_svg_and_png(tmp_path, name):
+    # keras' plot_model raises after writing an .svg when IPython is installed.
+    pytest.importorskip("pydot")
+    if shutil.which("dot") is None:
+        pytest.skip("needs the Graphviz `dot` program")
+    model = kf.FusionModel(inputs=keras.Input((6,)), branches=[kf.branches.MLP()])
+    assert kinspect.plot(model, tmp_path / name) == str(tmp_path / name)
+    assert os.listdir(tmp_path) == [name] and (tmp_path / name).stat().st_size > 0
+
+
+def test_bad_arguments_name_the_argument(tmp_path):
+    model, x, y = _trained("attention")
+    rows = {k: v[:5] for k, v in x.items()}
+    with pytest.raises(ValueError, match="Received: batch_size=0"):
+        kinspect.branch_weights(model, rows, batch_size=0)
+    with pytest.raises(ValueError, match=r"'signal' expects arrays of shape \(None, 6\)"):
+        kinspect.branch_weights(model, {**rows, "signal": rows["signal"][:, :4]})
+    with pytest.raises(ValueError, match=r"one target per sample of `x` \(5 rows\).*\(3,\)"):
+        kinspect.ablation(model, rows, y[:3])
+    with pytest.raises(ValueError, match=r"labels y.*must be in \[0, 1\]"):
+        kinspect.ablation(model, rows, y[:5] + 2)
+    with pytest.raises(ValueError, match="Received: model=None"):
+        kinspect.branch_labels(None)
+    with pytest.raises(ValueError, match="Received: dpi='high'"):
+        kinspect.plot(model, tmp_path / "m.png", dpi="high")
+    with pytest.raises(ValueError, match="Received: model=None"):
+        kinspect.plot(None, tmp_path / "m.png")
+    assert os.listdir(tmp_path) == []
