@@ -70,8 +70,9 @@ def load_spec(spec):
     return data
 
 
-def _lookup(module, type_name, what):
-    names = [n for n in getattr(module, "__all__", []) if not n.startswith("_")]
+def _lookup(module, type_name, what, names=None):
+    if names is None:
+        names = [n for n in getattr(module, "__all__", []) if not n.startswith("_")]
     if not isinstance(type_name, str) or type_name not in names:
         raise ValueError(
             f"Unknown {what} type {type_name!r}.{_factory.suggest(type_name, names)} "
@@ -80,12 +81,15 @@ def _lookup(module, type_name, what):
     return getattr(module, type_name)
 
 
-def _build_layer(entry, module, what):
+def _build_layer(entry, module, what, names=None):
     if not isinstance(entry, dict) or "type" not in entry:
         raise ValueError(f"A {what} entry must be a mapping with a 'type'. Received: {entry!r}")
     kwargs = dict(entry)
-    cls = _lookup(module, kwargs.pop("type"), what)
-    return cls(**kwargs)
+    cls = _lookup(module, kwargs.pop("type"), what, names)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a missing or unexpected argument: say which entry
+        raise ValueError(f"Invalid {what} entry {entry!r}: {e}") from None
 
 
 def _build_head(entry):
@@ -118,9 +122,20 @@ def spec_to_kwargs(spec):
         if not isinstance(value, dict) or "shape" not in value:
             raise ValueError(f"Input {name!r} needs a 'shape'. Received: {value!r}")
         check_keys(value, ("shape", "dtype"), f"input {name!r}")
-        input_map[name] = keras.Input(
-            shape=tuple(value["shape"]), dtype=value.get("dtype", "float32"), name=name
-        )
+        shape = value["shape"]
+        if not isinstance(shape, (list, tuple)):
+            raise ValueError(
+                f"The 'shape' of input {name!r} must be a list of sizes (null for any), "
+                f"without the batch. Received: shape={shape!r}"
+            )
+        try:
+            input_map[name] = keras.Input(
+                shape=tuple(shape), dtype=value.get("dtype", "float32"), name=name
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"Invalid input {name!r}: {str(e).strip()} Received: {value!r}"
+            ) from None
     built = {}
 
     def branch(entry):
@@ -146,7 +161,8 @@ def spec_to_kwargs(spec):
     single = len(input_map) == 1 and isinstance(raw, list)
     fusion = spec.get("fusion", "concat")
     if isinstance(fusion, dict):
-        fusion = _build_layer(fusion, layer_module, "fusion")
+        fusion_types = sorted(set(_factory.FUSION_NAMES.values()))
+        fusion = _build_layer(fusion, layer_module, "fusion", fusion_types)
     head = spec.get("head")
     if head is not None:
         head = _build_head(head)
@@ -213,7 +229,9 @@ def model_to_spec(model):
             s["name"]: {"shape": list(s["shape"]), "dtype": s["dtype"]} for s in model.input_specs
         },
         "branches": branches,
-        "fusion": _clean_config(model.fusion_layer) if model.fusion_layer is not None else None,
+        "fusion": (
+            _clean_config(model.fusion_layer) if model.fusion_layer is not None else model.fusion
+        ),
         "head": _head_spec(model.head) if model.head is not None else None,
     }
     if model.fusion_units is not None:

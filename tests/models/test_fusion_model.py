@@ -295,6 +295,31 @@ def test_spec_shared_branch_and_unknown_key():
         )
 
 
+def test_single_branch_spec_round_trips_to_the_same_config():
+    model = kf.FusionModel(inputs=keras.Input((6,), name="x"), branches=[kf.branches.MLP()])
+    rebuilt = kf.FusionModel.from_spec(model.to_spec())
+    assert rebuilt.get_config() == model.get_config()
+
+
+_SPEC = {"inputs": {"x": {"shape": [6]}}, "branches": [{"type": "MLP"}, {"type": "MLP"}]}
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"inputs": {"x": {"shape": 6}}}, r"'shape' of input 'x'.*Received: shape=6"),
+        ({"inputs": {"x": {"shape": ["6"]}}}, r"Invalid input 'x'.*Received: \{'shape': \['6'\]"),
+        ({"inputs": {"x": {"shape": [6], "dtype": "f32"}}}, r"Invalid input 'x'.*'f32'"),
+        ({"fusion": {"type": "GatedFusion", "unit": 8}}, r"Invalid fusion entry.*'unit'"),
+        ({"fusion": {"type": "TransformerBlock"}}, r"Unknown fusion type 'TransformerBlock'"),
+        ({"head": {"type": "Classification"}}, r"Invalid head entry.*num_classes"),
+    ],
+)
+def test_ill_typed_spec_values_are_value_errors_naming_the_key(change, expected):
+    with pytest.raises(ValueError, match=expected):
+        kf.FusionModel.from_spec({**_SPEC, **change})
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_unknown_fusion_name():
     with pytest.raises(ValueError, match="fusion='gate'.*'gated'"):
