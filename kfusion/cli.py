@@ -7,6 +7,7 @@ destination.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,6 +35,12 @@ class UserError(Exception):
 
 
 # ------------------------------------------------------------------------------ helpers
+def _one_line(error):
+    """The first line of an exception's message (keras appends dumps on later lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _say(args, *parts):
     if not getattr(args, "quiet", False):
         print(*parts, flush=True)
@@ -120,8 +127,16 @@ def _plot_curves(histories, path):
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=90)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 
@@ -302,15 +317,97 @@ def _load_train_spec(path):
         raise UserError(str(e)) from None
     model_spec = {k: v for k, v in spec.items() if k in _spec.MODEL_KEYS}
     train = {k: v for k, v in spec.items() if k in TRAIN_KEYS}
+    _check_train_settings(train, path)
     return model_spec, train
 
 
-def _load_data(path, model_spec, label):
+def _as_number(value, kind):
+    """`value` as an int or a finite float, or None when it is not one.
+
+    Numeric strings count: YAML reads `1e-3` (no dot) as a string.
+    """
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number):
+        return None
+    if kind is int:
+        return int(number) if number.is_integer() else None
+    return number
+
+
+# Each numeric training setting: (int or float, the range it must be in, what it must be).
+_TRAIN_NUMBERS = {
+    "epochs": (int, lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
+    "learning_rate": (float, lambda v: v > 0, "a number > 0"),
+    "validation_split": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+}
+_TRAIN_TYPES = {
+    "label": (str, "the name of the label array or column"),
+    "optimizer": ((str, dict), "an optimizer name or config"),
+    "loss": ((str, dict, list), "a loss name (or a dict or list of them)"),
+    "metrics": ((list, dict), "a list of metric names"),
+}
+
+
+def _check_train_settings(train, path):
+    """Checks the training settings in place (numbers converted); UserError naming the key."""
+    for key, value in train.items():
+        if key in _TRAIN_NUMBERS:
+            kind, in_range, expected = _TRAIN_NUMBERS[key]
+            number = _as_number(value, kind)
+            if number is not None and in_range(number):
+                train[key] = number
+                continue
+        else:
+            types, expected = _TRAIN_TYPES[key]
+            if isinstance(value, types) and value != "":
+                continue
+        raise UserError(f"spec {path}: {key!r} must be {expected}; got {key}={value!r}")
+
+
+def _names(value):
+    """The strings in a loss/metrics setting (a name, or lists and dicts of them)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [name for item in value for name in _names(item)]
+    return []
+
+
+def _check_compile_names(compile_kwargs, path):
+    """UserError for a loss or metric name keras doesn't know (it would say so mid-`fit`)."""
+    import keras
+
+    # Names `compile` resolves itself from the labels and outputs.
+    own = {"loss": ("crossentropy", "ce"), "metrics": ("accuracy", "acc")}
+    get = {"loss": keras.losses.get, "metrics": keras.metrics.get}
+    for key, value in compile_kwargs.items():
+        for name in _names(value):
+            if name.lower() in own[key]:
+                continue
+            try:
+                get[key](name)
+            except (ValueError, TypeError):
+                raise UserError(
+                    f"spec {path}: {key!r} names {name!r}, which keras does not know"
+                ) from None
+
+
+def _load_data(path, input_specs, label):
+    """`(x, y)` from a .npz or .csv file; `input_specs` are the model's (name, shape)."""
     import numpy as np
 
     if not os.path.isfile(path):
         raise UserError(f"data file not found: {path}")
-    inputs = model_spec.get("inputs") or {}
+    inputs = {s["name"]: s for s in input_specs}
     if path.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -369,6 +466,30 @@ def _load_data(path, model_spec, label):
     return x, y
 
 
+class _Checkpoint:
+    """Saves the model to `path` (a .keras file) after every epoch, beside it then renamed.
+
+    `keras.callbacks.ModelCheckpoint` writes the file in place: a run killed while it saves
+    would leave a half-written checkpoint where the last good one was.
+    """
+
+    def __new__(cls, path):
+        import keras
+
+        class Checkpoint(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                folder = os.path.dirname(path)
+                tmp_dir = tempfile.mkdtemp(prefix=".checkpoint-", dir=folder)
+                try:
+                    tmp = os.path.join(tmp_dir, os.path.basename(path))
+                    self.model.save(tmp)
+                    os.replace(tmp, path)
+                finally:
+                    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+        return Checkpoint()
+
+
 class _EpochLog:
     """Prints one flushed line per finished epoch (so callers can follow progress)."""
 
@@ -388,7 +509,8 @@ def cmd_train(args):
     """Trains a FusionModel described by a spec file on .npz or .csv data."""
     model_spec, train = _load_train_spec(args.spec)
     label = train.get("label", "y")
-    x, y = _load_data(args.data, model_spec, label)
+    if not os.path.isfile(args.data):
+        raise UserError(f"data file not found: {args.data}")
     out = os.path.abspath(args.out)
     backup_dir = os.path.join(out, "backup")
 
@@ -398,16 +520,18 @@ def cmd_train(args):
     from kfusion.callbacks import StopOnNaN
     from kfusion.models import FusionModel
 
-    seed = int(train.get("seed", 0))
+    seed = train.get("seed", 0)
     keras.utils.set_random_seed(seed)
     if keras.config.backend() == "tensorflow":
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+    # The model first: the data is read against its checked inputs.
     try:
         model = FusionModel.from_spec(model_spec)
     except (ValueError, TypeError) as e:
-        raise UserError(f"invalid model spec: {e}") from None
+        raise UserError(f"invalid model spec: {_one_line(e)}") from None
+    x, y = _load_data(args.data, model.input_specs, label)
     opt = train.get("optimizer", "adam")
     try:
         optimizer = keras.optimizers.get(opt)
@@ -416,8 +540,12 @@ def cmd_train(args):
     if "learning_rate" in train:
         optimizer.learning_rate = float(train["learning_rate"])
     compile_kwargs = {k: train[k] for k in ("loss", "metrics") if k in train}
-    model.compile(optimizer=optimizer, **compile_kwargs)
-    epochs = int(train.get("epochs", 10))
+    _check_compile_names(compile_kwargs, args.spec)
+    try:
+        model.compile(optimizer=optimizer, **compile_kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"spec {args.spec}: cannot compile: {_one_line(e)}") from None
+    epochs = train.get("epochs", 10)
     features = x if len(x) > 1 else next(iter(x.values()))
     try:
         model.check_data(features, y)
@@ -431,7 +559,7 @@ def cmd_train(args):
         # First: a NaN loss aborts fit before the checkpoint callbacks save that state.
         StopOnNaN(),
         keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
-        keras.callbacks.ModelCheckpoint(os.path.join(out, "checkpoints", "last.keras")),
+        _Checkpoint(os.path.join(out, "checkpoints", "last.keras")),
         _EpochLog(args.quiet),
     ]
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
@@ -440,7 +568,7 @@ def cmd_train(args):
             features,
             y,
             epochs=epochs,
-            batch_size=int(train.get("batch_size", 32)),
+            batch_size=train.get("batch_size", 32),
             validation_split=float(train.get("validation_split", 0.0)),
             shuffle=False,
             callbacks=callbacks,
@@ -476,7 +604,10 @@ def _load_any(path):
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
         import tensorflow as tf
 
-        return tf.saved_model.load(path), "saved_model"
+        try:
+            return tf.saved_model.load(path), "saved_model"
+        except Exception as e:  # noqa: BLE001 - a damaged SavedModel: say so in one line
+            raise UserError(f"cannot load {path}: {_one_line(e)}") from None
     raise UserError(f"{path} is neither a .keras file nor a SavedModel folder")
 
 
@@ -536,7 +667,12 @@ def cmd_export(args):
         raise UserError("export reads a .keras model file")
     parent = os.path.dirname(os.path.abspath(args.out)) or "."
     _check_writable_dir(parent)
-    path = kexport.export(model, args.out, format=args.format)
+    try:
+        path = kexport.export(model, args.out, format=args.format)
+    except (ValueError, OSError, kexport.ExportVerificationError) as e:
+        # A destination it won't replace, NaN weights, an export that did not verify:
+        # nothing was written at --out.
+        raise UserError(_one_line(e)) from None
     print(f"wrote {path} ({args.format}, verified by reloading)")
     return 0
 
@@ -549,33 +685,49 @@ def build_parser():
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train CNN/RNN/Transformer and fused models on digits")
-    demo.add_argument("--epochs", type=int, default=8)
-    demo.add_argument("--seeds", type=int, default=1)
+    demo.add_argument("--epochs", type=int, default=8, help="epochs per model (default: 8)")
+    demo.add_argument("--seeds", type=int, default=1, help="runs per model, averaged (default: 1)")
     demo.add_argument(
         "--fusion",
         default="all",
-        help="fusion kinds to compare, comma-separated (default: concat,attention,gated)",
+        help="fusion kinds to compare, comma-separated, from concat, weighted, attention, "
+        "gated, low_rank; all (the default) means concat,attention,gated",
     )
-    demo.add_argument("--out", default="kfusion-demo")
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--out", default="kfusion-demo", help="output folder (default: kfusion-demo)")
+    demo.add_argument("--quiet", action="store_true", help="print only the results")
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="train a FusionModel described by a YAML/JSON spec")
-    train.add_argument("spec")
-    train.add_argument("--data", required=True, help=".npz (arrays named after inputs + y) or .csv")
-    train.add_argument("--out", default="kfusion-run")
+    train.add_argument(
+        "spec", help="a .yaml/.yml/.json file: the model spec plus training settings"
+    )
+    train.add_argument(
+        "--data",
+        required=True,
+        help=".npz with one array per input and the labels (named by the spec's `label`, "
+        "default y), or .csv for a single tabular input",
+    )
+    train.add_argument("--out", default="kfusion-run", help="output folder (default: kfusion-run)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    train.add_argument("--quiet", action="store_true")
+    train.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.set_defaults(func=cmd_train)
 
     insp = sub.add_parser("inspect", help="describe a saved .keras model or SavedModel")
-    insp.add_argument("path")
+    insp.add_argument("path", help="a .keras file or a SavedModel folder")
     insp.set_defaults(func=cmd_inspect)
 
     exp = sub.add_parser("export", help="export a .keras model")
-    exp.add_argument("model")
-    exp.add_argument("--format", required=True, choices=["saved_model", "onnx", "litert", "keras"])
-    exp.add_argument("--out", required=True)
+    exp.add_argument("model", help="the .keras file to export")
+    exp.add_argument(
+        "--format",
+        required=True,
+        choices=["saved_model", "onnx", "litert", "keras"],
+        help="the export format; the export is reloaded and checked before it is kept "
+        "(onnx: where onnxruntime is installed)",
+    )
+    exp.add_argument(
+        "--out", required=True, help="where to write (a folder for saved_model, else a file)"
+    )
     exp.set_defaults(func=cmd_export)
     return parser
 

@@ -252,3 +252,114 @@ def test_train_on_csv(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["history"]["accuracy"][-1] > 0.9  # a linear rule on the columns
+
+
+@pytest.mark.parametrize(
+    "setting, fragment",
+    [
+        ({"epochs": "ten"}, "'epochs' must be an integer >= 1; got epochs='ten'"),
+        ({"epochs": 0}, "'epochs' must be an integer >= 1; got epochs=0"),
+        ({"batch_size": 2.5}, "'batch_size' must be an integer >= 1"),
+        ({"seed": "abc"}, "'seed' must be an integer >= 0"),
+        ({"validation_split": 1.5}, "'validation_split' must be a number in [0, 1)"),
+        ({"learning_rate": "fast"}, "'learning_rate' must be a number > 0"),
+        ({"label": ["y"]}, "'label' must be the name"),
+        ({"metrics": "accuracy"}, "'metrics' must be a list of metric names"),
+        ({"loss": "nonexistent_loss"}, "'loss' names 'nonexistent_loss'"),
+        ({"metrics": ["accuracy", "nonexistent_metric"]}, "'metrics' names 'nonexistent_metric'"),
+        (
+            {"inputs": {"signal": [12, 3], "table": {"shape": [4]}}},
+            "Input 'signal' needs a 'shape'",
+        ),
+    ],
+)
+def test_ill_typed_settings_are_one_line_errors(tmp_path, spec_and_data, capsys, setting, fragment):
+    _, data = spec_and_data
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, **setting}))
+    result = kfusion_here(capsys, "train", spec, "--data", data, "--out", tmp_path / "o")
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_numbers_yaml_reads_as_strings_are_accepted(tmp_path):
+    from kfusion import cli
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(SPEC) + "learning_rate: 1e-3\nvalidation_split: 0.25\n")
+    _, train = cli._load_train_spec(str(spec))
+    assert train["learning_rate"] == 0.001 and train["validation_split"] == 0.25
+    assert train["epochs"] == 3 and isinstance(train["epochs"], int)
+
+
+@pytest.fixture
+def small_keras_model(tmp_path):
+    model = kf.FusionModel(
+        inputs=keras.Input((4,), name="x"), branches=[kf.branches.MLP(units=(4,))]
+    )
+    path = tmp_path / "model.keras"
+    model.save(path)
+    return model, path
+
+
+def test_export_refusals_are_one_line_errors(tmp_path, small_keras_model, capsys):
+    model, path = small_keras_model
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "keep").write_text("keep me")
+    result = kfusion_here(capsys, "export", path, "--format", "onnx", "--out", folder)
+    assert_user_error(result, "is a folder")
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    result = kfusion_here(capsys, "export", path, "--format", "saved_model", "--out", blocker)
+    assert_user_error(result, "exists and is not a folder")
+    weights = model.get_weights()
+    weights[0][0, 0] = np.nan
+    model.set_weights(weights)
+    model.save(tmp_path / "nan.keras")
+    result = kfusion_here(
+        capsys, "export", tmp_path / "nan.keras", "--format", "keras", "--out", tmp_path / "o.keras"
+    )
+    assert_user_error(result, "NaN or inf")
+    assert (folder / "keep").read_text() == "keep me" and blocker.read_text() == "keep me"
+    assert not (tmp_path / "o.keras").exists()
+
+
+def test_inspect_damaged_saved_model(tmp_path, capsys):
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"not a protobuf")
+    assert_user_error(kfusion_here(capsys, "inspect", tmp_path / "sm"), "cannot load")
+
+
+def test_checkpoint_that_fails_to_save_keeps_the_last_one(tmp_path, small_keras_model):
+    from kfusion import cli
+
+    model, _ = small_keras_model
+    path = tmp_path / "checkpoints" / "last.keras"
+    path.parent.mkdir()
+    checkpoint = cli._Checkpoint(str(path))
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0)
+    before = path.read_bytes()
+
+    def broken_save(filepath, *args, **kwargs):
+        with open(filepath, "wb") as f:
+            f.write(b"half written")
+        raise OSError("disk full")
+
+    model.save = broken_save
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.on_epoch_end(1)
+    assert path.read_bytes() == before
+    assert os.listdir(path.parent) == ["last.keras"]
+
+
+def test_help_describes_every_argument():
+    from kfusion.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"kfusion {name}: {action.dest} has no help"
