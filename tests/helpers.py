@@ -5,6 +5,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 BACKEND = keras.config.backend()
 
@@ -153,3 +154,18 @@ def multimodal_model(fusion="concat", num_classes=2, from_logits=False, name=Non
         head=kf.heads.Classification(num_classes, from_logits=from_logits),
         name=name,
     )
+
+
+def check_built_fusion_rejects_other_inputs(layer, arrays):
+    """A fusion layer built on `arrays` (widths 3, 5, 2) refuses other inputs afterwards.
+
+    It never silently drops, adds or mixes up branches: keras' input-spec check names the
+    count or the width it expected.
+    """
+    layer(arrays)
+    with pytest.raises(ValueError, match="expects 3 input"):
+        layer(arrays[:2])
+    with pytest.raises(ValueError, match="expects 3 input"):
+        layer(arrays + arrays[:1])
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 5"):
+        layer([arrays[0], arrays[2], arrays[1]])
