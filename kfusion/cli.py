@@ -553,6 +553,14 @@ def cmd_train(args):
         raise UserError(f"data {args.data}: {e}") from None
     # Only now, with the spec and the data accepted, is the output folder touched.
     _check_writable_dir(out)
+    exports = [(os.path.join(out, "model.keras"), "keras")]
+    if keras.config.backend() in ("tensorflow", "jax"):
+        exports.append((os.path.join(out, "saved_model"), "saved_model"))
+    for path, fmt in exports:  # before training: a destination export won't replace
+        try:
+            kexport._check_destination(path, fmt)
+        except OSError as e:
+            raise UserError(str(e)) from None
     if not args.resume and os.path.isdir(backup_dir):
         shutil.rmtree(backup_dir)
     callbacks = [
@@ -581,9 +589,14 @@ def cmd_train(args):
         ) from None
     probe = {k: v[:8] for k, v in x.items()}
     probe = probe if len(probe) > 1 else next(iter(probe.values()))
-    kexport.export(model, os.path.join(out, "model.keras"), format="keras", probe=probe)
-    if keras.config.backend() in ("tensorflow", "jax"):
-        kexport.export(model, os.path.join(out, "saved_model"), probe=probe)
+    for path, fmt in exports:
+        try:
+            kexport.export(model, path, format=fmt, probe=probe)
+        except (ValueError, OSError, kexport.ExportVerificationError) as e:
+            raise UserError(
+                f"training finished but the {fmt} export failed: {_one_line(e)} "
+                f"{os.path.join(out, 'checkpoints', 'last.keras')} holds the trained model."
+            ) from None
     metrics = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     _atomic_json({"epochs": epochs, "history": metrics}, os.path.join(out, "metrics.json"))
     _say(args, f"wrote {out}/: model.keras, saved_model/, checkpoints/, metrics.json")

@@ -373,7 +373,11 @@ def load(path):
 
 
 def _check_destination(path, fmt):
-    """Raises when `path` holds something an export must not replace (checked up front)."""
+    """Raises `OSError` when `path` holds something an export to `fmt` must not replace.
+
+    `export` checks this before writing anything; callers that export after a long job
+    (`kfusion train`) check it before the job.
+    """
     if not os.path.lexists(path):
         return
     if fmt == "saved_model":

@@ -325,6 +325,19 @@ def test_export_refusals_are_one_line_errors(tmp_path, small_keras_model, capsys
     assert not (tmp_path / "o.keras").exists()
 
 
+def test_train_refuses_an_export_destination_before_training(spec_and_data, tmp_path, capsys):
+    # out/saved_model holds something that is not a SavedModel: the export at the end would
+    # refuse to replace it, so the command says so before it spends time training.
+    spec, data = spec_and_data
+    out = tmp_path / "run"
+    (out / "saved_model").mkdir(parents=True)
+    (out / "saved_model" / "notes.txt").write_text("keep me")
+    result = kfusion_here(capsys, "train", spec, "--data", data, "--out", out, "--quiet")
+    assert_user_error(result, "saved_model", "not a SavedModel")
+    assert (out / "saved_model" / "notes.txt").read_text() == "keep me"
+    assert not (out / "checkpoints").exists()  # no epoch ran
+
+
 def test_inspect_damaged_saved_model(tmp_path, capsys):
     (tmp_path / "sm").mkdir()
     (tmp_path / "sm" / "saved_model.pb").write_bytes(b"not a protobuf")
