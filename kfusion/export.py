@@ -9,6 +9,11 @@ Formats:
 | `"onnx"`        | a `.onnx` file              | onnxruntime, where installed           |
 | `"litert"`      | a `.tflite` file            | the LiteRT / TFLite interpreter        |
 
+For LiteRT, recurrent layers over inputs of fixed length are unrolled in the converted
+graph (builtin ops only). Over sequences of unknown length, and in a bidirectional layer
+that returns sequences, they stay loops that need the Select-TF ops this interpreter
+lacks, and the export is refused.
+
 Every export is written to a temporary path beside the target, reloaded and compared with
 the model on a probe batch, and only then renamed into place: a failed export leaves an
 earlier export at that path intact, and nothing half-written where the user's file was.
@@ -219,9 +224,59 @@ def _write_onnx(model, path, probe, atol, rtol):
     _compare(expected, got, atol, rtol, "onnx")
 
 
+def _unrollable_layers(model):
+    """The keras RNN layers (LSTM, GRU, Bidirectional halves) inside `model` to unroll.
+
+    Left out: the halves of a `Bidirectional` that returns sequences. Unrolled under a
+    padding mask, keras (3.15) misaligns its backward half's outputs, so padding would
+    change the results (the `while` loop gets them right).
+    """
+    # `_flatten_layers` walks every tracked sub-layer, however deep (branches keep their
+    # RNNs as attributes, not in a `layers` list).
+    layers = list(model._flatten_layers(include_self=False, recursive=True))
+    kept_as_loops = set()
+    for layer in layers:
+        if isinstance(layer, keras.layers.Bidirectional) and layer.return_sequences:
+            kept_as_loops.update((id(layer.forward_layer), id(layer.backward_layer)))
+    return [
+        layer
+        for layer in layers
+        if isinstance(layer, keras.layers.RNN)
+        and not layer.unroll
+        and id(layer) not in kept_as_loops
+    ]
+
+
+def _export_litert(model, path):
+    """`model.export(format="litert")` with its RNNs unrolled where their length is fixed.
+
+    A keras RNN runs a `while` loop over time steps, which the converter turns into
+    TensorList ops that only the Select-TF (Flex) delegate runs. Unrolled over a known
+    number of steps, the same weights give a loop-free graph of builtin ops. The layers'
+    `unroll` flags are set for the trace only and restored afterwards. Layers that can't
+    be unrolled (unknown length, see `_unrollable_layers`) stay loops, and the verification
+    says the interpreter can't run them.
+    """
+    layers = _unrollable_layers(model)
+    try:
+        for layer in layers:
+            layer.unroll = True
+        try:
+            model.export(path, format="litert", verbose=False)
+            return
+        except ValueError as e:
+            if not layers or "unroll" not in str(e).lower():
+                raise
+    finally:
+        for layer in layers:
+            layer.unroll = False
+    # A time dimension of unknown length can't be unrolled: convert the loop as it is.
+    model.export(path, format="litert", verbose=False)
+
+
 def _write_litert(model, path, probe, atol, rtol):
     tf = _require_tensorflow("litert")
-    model.export(path, format="litert", verbose=False)
+    _export_litert(model, path)
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -246,10 +301,12 @@ def _write_litert(model, path, probe, atol, rtol):
             if "Flex" not in str(e) and "Select TensorFlow op" not in str(e):
                 raise
             raise ExportVerificationError(
-                "litert: the converted model needs Select TensorFlow ops (recurrent layers "
-                "such as LSTM/GRU become TensorList ops), which this LiteRT interpreter "
-                "cannot run, so the export could not be verified and was not written. "
-                "Export models without RNN branches to LiteRT, or use saved_model/onnx."
+                "litert: the converted model needs Select TensorFlow ops (a recurrent "
+                "layer over sequences of unknown length, or a bidirectional one returning "
+                "sequences, stays a loop of TensorList ops; others are unrolled into "
+                "builtin ops), which this LiteRT interpreter cannot run, so the export "
+                "could not be verified and was not written. Give the model's sequence "
+                "inputs a fixed length, or use saved_model/onnx."
             ) from None
         got_rows.append([result[k] for k in sorted(result)])
     got = [np.concatenate([row[i] for row in got_rows]) for i in range(len(got_rows[0]))]

@@ -139,10 +139,53 @@ def test_probe_batch_matches_inputs():
 
 
 @requires_tensorflow
-def test_litert_with_recurrent_branch_fails_clearly(tmp_path, data):
+def _rnn_flags(model):
+    return [
+        layer.unroll
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.RNN)
+    ]
+
+
+@requires_tensorflow
+def test_litert_unrolls_recurrent_branches_of_fixed_length(tmp_path, data):
+    # The LSTM over 10 token ids converts to builtin ops only, and the export is verified
+    # on a probe with padded rows (padding must not change the unrolled results).
+    assert (data["text"] == 0).any()
+    model = _model()
+    path = kexport.export(model, tmp_path / "m.tflite", format="litert", probe=data)
+    assert os.listdir(tmp_path) == ["m.tflite"] and os.path.getsize(path) > 0
+    assert _rnn_flags(model) == [False]  # unrolled for the export's trace only
+
+
+def _rnn_only_model(length, bidirectional, num_layers=1):
+    branch = kf.branches.RNN(
+        units=4, vocab_size=20, embedding_dim=4, bidirectional=bidirectional, num_layers=num_layers
+    )
+    return kf.FusionModel(
+        inputs=keras.Input((length,), dtype="int32", name="text"),
+        branches=[branch],
+        head=kf.heads.Classification(3),
+    )
+
+
+@requires_tensorflow
+@pytest.mark.parametrize(
+    "length, bidirectional, num_layers",
+    [(None, False, 1), (10, True, 2)],
+    ids=["unknown length", "bidirectional returning sequences"],
+)
+def test_litert_refuses_recurrent_loops_it_cannot_unroll(
+    tmp_path, data, length, bidirectional, num_layers
+):
+    # Unknown length: nothing to unroll over. A bidirectional layer that returns sequences:
+    # keras' unrolled form is not padding-safe, so it stays a loop. Either way the loop
+    # needs Select-TF ops, the export is refused and nothing is written.
+    model = _rnn_only_model(length, bidirectional, num_layers)
     with pytest.raises(kexport.ExportVerificationError, match="Select TensorFlow ops"):
-        kexport.export(_model(), tmp_path / "m.tflite", format="litert", probe=data)
+        kexport.export(model, tmp_path / "m.tflite", format="litert", probe=data["text"])
     assert os.listdir(tmp_path) == []
+    assert not any(_rnn_flags(model))
 
 
 def _dense_model():
