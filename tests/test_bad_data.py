@@ -114,6 +114,20 @@ def test_bad_data_names_the_input_and_the_expected_shape(compiled, case, method)
         assert fragment in message, message
 
 
+@pytest.mark.parametrize("bad_id", [VOCAB, -1])
+def test_token_ids_are_range_checked_in_backend_tensors(compiled, bad_id):
+    # Out-of-range ids in a backend tensor used to pass: TensorFlow then failed in its
+    # gather kernel, JAX silently read a clamped row of the embedding table.
+    x, y = _data()
+    text = x["text"].copy()
+    text[3, 2] = bad_id
+    x = {k: keras.ops.convert_to_tensor(v) for k, v in dict(x, text=text).items()}
+    with pytest.raises(ValueError, match=f"token id {bad_id}, outside \\[0, {VOCAB}\\)"):
+        compiled.check_data(x)
+    with pytest.raises(ValueError, match=f"vocab_size={VOCAB}"):
+        compiled.predict(x, verbose=0)
+
+
 def test_a_model_stays_usable_after_bad_data(compiled):
     # The checks run before keras touches the data: a refused batch leaves no broken
     # predict function behind (JAX's trainer would keep a failed one).

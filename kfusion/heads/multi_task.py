@@ -22,7 +22,9 @@ class MultiTask(keras.layers.Layer):
         heads: dict mapping task names (valid Python identifiers) to kfusion heads
             (`Classification`, `MultiLabel`, `Regression`); at least one. Each head
             instance may appear once. Tasks are stored in sorted name order.
-        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...). A `dtype`
+            here is this layer's own; each task head keeps the policy it was made with
+            (under a global mixed precision policy set first, all of them follow it).
 
     Call arguments:
         inputs: float tensor of shape `(batch, D)`.

@@ -310,8 +310,8 @@ class FusionModel(keras.Model):
         Checks array data: NumPy arrays, nested lists, backend tensors, and lists or dicts
         of them (datasets and generators are left to keras). For each input it checks the
         name, the shape (batch first), that the values are numbers (integers for token
-        ids), that every input has the same number of rows, and, for NumPy token ids, that
-        each id is in `[0, vocab_size)` of every branch reading it (0 is padding).
+        ids), that every input has the same number of rows, and that each token id is in
+        `[0, vocab_size)` of every branch reading it (0 is padding).
 
         Args:
             x: the data passed to `fit`, `evaluate` or `predict`.
@@ -672,6 +672,26 @@ def _check_array(name, array, spec):
     return shape
 
 
+def _value_range(array):
+    """`(min, max)` of an array's values as Python ints.
+
+    NumPy arrays and lists are reduced by NumPy; backend tensors where they live (only
+    two scalars come back to the host), falling back to NumPy for another backend's
+    tensors.
+    """
+    if not isinstance(array, (np.ndarray, list, tuple)):
+        try:
+            tensor = keras.ops.convert_to_tensor(array)
+            return (
+                int(keras.ops.convert_to_numpy(keras.ops.min(tensor))),
+                int(keras.ops.convert_to_numpy(keras.ops.max(tensor))),
+            )
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    array = np.asarray(array)
+    return int(array.min()), int(array.max())
+
+
 def _check_for_branch(name, array, shape, branch):
     """Checks what one branch needs of its input's data.
 
@@ -691,8 +711,8 @@ def _check_for_branch(name, array, shape, branch):
                 f"(max_length={max_length}). Received shape {shape}."
             )
     vocab = getattr(branch, "vocab_size", None)
-    if vocab is not None and isinstance(array, (np.ndarray, list)) and np.size(array):
-        low, high = int(np.min(array)), int(np.max(array))
+    if vocab is not None and np.prod(shape, dtype=np.int64):
+        low, high = _value_range(array)
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high
             raise ValueError(
