@@ -238,6 +238,42 @@ def test_labels_are_checked_after_loading_and_with_the_heads_loss_given_again(co
     assert not model._check_labels
 
 
+class _LossWithoutConfig(keras.losses.SparseCategoricalCrossentropy):
+    def get_config(self):
+        raise NotImplementedError("no config")
+
+
+def test_compile_takes_any_loss_keras_takes():
+    # Deciding whether labels feed the head's loss must never reject a loss keras accepts:
+    # a lambda whose source can't be read (made by eval, as in a REPL) and a loss whose
+    # get_config raises both compile and train, without the head's label checks.
+    x, y = _data()
+    for loss in (
+        eval("lambda y_true, y_pred: keras.ops.mean(y_pred)"),  # noqa: S307 - no source file
+        _LossWithoutConfig(),
+    ):
+        model = _model()
+        model.compile(optimizer="adam", loss=loss)
+        assert not model._check_labels
+        assert np.isfinite(model.fit(x, y, epochs=1, verbose=0).history["loss"][0])
+
+
+def test_multitask_labels_are_checked_with_its_loss_dict_given_again():
+    head = kf.heads.MultiTask({"label": kf.heads.Classification(3), "score": kf.heads.Regression()})
+    model = kf.FusionModel(
+        inputs=keras.Input((4,), name="x"), branches=[kf.branches.MLP(units=(4,))], head=head
+    )
+    model.compile(optimizer="adam", loss=head.default_loss())
+    assert model._check_labels
+    x = np.ones((4, 4), "float32")
+    with pytest.raises(ValueError, match=r"labels y\['label'\].*\[0, 3\)"):
+        model.fit(x, {"label": np.array([0, 1, 2, 3]), "score": np.ones((4, 1))}, verbose=0)
+    model.compile(
+        optimizer="adam", loss={"label": "sparse_categorical_crossentropy", "score": "mse"}
+    )
+    assert not model._check_labels
+
+
 def test_labels_for_a_loss_of_ones_own_are_left_to_it():
     # With an explicit loss the head's label contract does not apply: one-hot labels for
     # categorical cross-entropy train.

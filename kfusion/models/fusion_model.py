@@ -497,11 +497,20 @@ _ARGUMENTS = ("inputs", "branches", "fusion", "head", "fusion_units") + _MODEL_K
 
 
 def _same_loss(loss, other):
-    """Whether two losses (objects, names or dicts of them) serialize to the same config."""
+    """Whether `loss` is the loss `other` (a head's default: a Loss, or a dict of them).
+
+    Two `keras.losses.Loss` objects are the same loss when they are of one type with one
+    config; dicts compare task by task. Anything else (names, functions, other objects)
+    is another loss. Never raises: a loss whose config can't be read is another loss, and
+    keras judges it in `compile`.
+    """
+    if isinstance(loss, dict) and isinstance(other, dict):
+        return loss.keys() == other.keys() and all(_same_loss(loss[k], other[k]) for k in loss)
+    if not isinstance(loss, keras.losses.Loss) or type(loss) is not type(other):
+        return False
     try:
-        serialize = keras.saving.serialize_keras_object
-        return serialize(loss) == serialize(other)
-    except (TypeError, ValueError):
+        return loss.get_config() == other.get_config()
+    except Exception:  # noqa: BLE001 - a user loss's get_config may raise anything
         return False
 
 
