@@ -110,6 +110,36 @@ def check_saved_model(layer, arrays, tmp_path, atol=1e-5):
         np.testing.assert_allclose(e, g, atol=atol, rtol=1e-5)
 
 
+def check_saving_mixed_float16(layer, arrays, tmp_path, atol=1e-3, **call_kwargs):
+    """A layer made under `mixed_float16` round-trips with its policy and equal outputs.
+
+    The model is saved under the mixed global policy and loaded under float32, so the
+    loaded layer's policy can only come from its saved config. On TensorFlow the model is
+    exported as a SavedModel too and served with equal outputs.
+    """
+    assert layer.dtype_policy.name == "mixed_float16", "make the layer under mixed_float16"
+    model = wrap(layer, arrays, **call_kwargs)
+    expected = as_numpy(model.predict(arrays, verbose=0))
+    path = os.path.join(str(tmp_path), "layer.keras")
+    model.save(path)
+    keras.config.set_dtype_policy("float32")
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert loaded.get_layer(layer.name).dtype_policy.name == "mixed_float16"
+    got = as_numpy(loaded.predict(arrays, verbose=0))
+    for e, g in zip(keras.tree.flatten(expected), keras.tree.flatten(got), strict=True):
+        np.testing.assert_allclose(e, g, atol=atol, rtol=1e-3)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        export = os.path.join(str(tmp_path), "saved")
+        model.export(export, format="tf_saved_model", verbose=False)
+        reloaded = tf.saved_model.load(export)  # held: its variables live as long as it
+        served = as_numpy(reloaded.serve(arrays))
+        for e, g in zip(keras.tree.flatten(expected), keras.tree.flatten(served), strict=True):
+            np.testing.assert_allclose(e, g, atol=atol, rtol=1e-3)
+    return loaded
+
+
 def check_mixed_precision(make_layer, arrays, policy, **call_kwargs):
     """Under a mixed policy: float32 variables, outputs in the compute dtype, finite."""
     keras.config.set_dtype_policy(policy)

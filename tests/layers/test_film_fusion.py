@@ -218,6 +218,6 @@ def test_built_layer_rejects_other_widths(sequences):
 
 def test_save_and_load_mixed_float16(sequences, tmp_path):
     keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
-    loaded = helpers.check_saving(FiLMFusion(activation="relu"), sequences, tmp_path, atol=1e-3)
-    layer = next(layer for layer in loaded.layers if isinstance(layer, FiLMFusion))
-    assert layer.dtype_policy.name == "mixed_float16"
+    helpers.check_saving_mixed_float16(
+        FiLMFusion(activation="relu"), sequences, tmp_path, atol=1e-3
+    )
