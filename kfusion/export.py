@@ -227,9 +227,10 @@ def _write_onnx(model, path, probe, atol, rtol):
 def _unrollable_layers(model):
     """The keras RNN layers (LSTM, GRU, Bidirectional halves) inside `model` to unroll.
 
-    Left out: the halves of a `Bidirectional` that returns sequences. Unrolled under a
-    padding mask, keras (3.15) misaligns its backward half's outputs, so padding would
-    change the results (the `while` loop gets them right).
+    Left out: layers built on sequences of unknown length (nothing to unroll over), and
+    the halves of a `Bidirectional` that returns sequences: unrolled under a padding mask,
+    keras (3.15) misaligns its backward half's outputs, so padding would change the
+    results (the `while` loop gets them right).
     """
     # `_flatten_layers` walks every tracked sub-layer, however deep (branches keep their
     # RNNs as attributes, not in a `layers` list).
@@ -244,7 +245,16 @@ def _unrollable_layers(model):
         if isinstance(layer, keras.layers.RNN)
         and not layer.unroll
         and id(layer) not in kept_as_loops
+        and _fixed_length(layer)
     ]
+
+
+def _fixed_length(layer):
+    """Whether an RNN layer was built on sequences of a known number of steps."""
+    shapes = list((getattr(layer, "_build_shapes_dict", None) or {}).values())
+    if not shapes or not isinstance(shapes[0], (tuple, list)) or len(shapes[0]) < 2:
+        return True  # unknown here: tried, and the export falls back if keras refuses
+    return shapes[0][1] is not None
 
 
 def _export_litert(model, path):
@@ -254,8 +264,9 @@ def _export_litert(model, path):
     TensorList ops that only the Select-TF (Flex) delegate runs. Unrolled over a known
     number of steps, the same weights give a loop-free graph of builtin ops. The layers'
     `unroll` flags are set for the trace only and restored afterwards. Layers that can't
-    be unrolled (unknown length, see `_unrollable_layers`) stay loops, and the verification
-    says the interpreter can't run them.
+    be unrolled (see `_unrollable_layers`) stay loops, and the verification says the
+    interpreter can't run them. Should keras still refuse to unroll one of the chosen
+    layers, all of them are exported as loops.
     """
     layers = _unrollable_layers(model)
     try:

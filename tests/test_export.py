@@ -138,7 +138,6 @@ def test_probe_batch_matches_inputs():
     assert probe["text"].dtype == np.int32 and probe["text"].min() >= 1
 
 
-@requires_tensorflow
 def _rnn_flags(model):
     return [
         layer.unroll
@@ -186,6 +185,22 @@ def test_litert_refuses_recurrent_loops_it_cannot_unroll(
         kexport.export(model, tmp_path / "m.tflite", format="litert", probe=data["text"])
     assert os.listdir(tmp_path) == []
     assert not any(_rnn_flags(model))
+
+
+def test_litert_unrolls_each_recurrent_layer_that_has_a_fixed_length():
+    # One input of 5 steps, one of unknown length: only the first branch's LSTM is chosen
+    # (before, one unknown length sent every RNN of the model back to a loop).
+    model = kf.FusionModel(
+        inputs={"signal": keras.Input((5, 3)), "text": keras.Input((None,), dtype="int32")},
+        branches={
+            "signal": [kf.branches.RNN(units=4, name="fixed")],
+            "text": [kf.branches.RNN(units=4, vocab_size=9, cell="gru", name="open")],
+        },
+        head=kf.heads.Regression(),
+    )
+    chosen = kexport._unrollable_layers(model)
+    assert [type(layer).__name__ for layer in chosen] == ["LSTM"]
+    assert chosen[0] is model.get_layer("fixed").rnn_layers[0]
 
 
 def _dense_model():
