@@ -1,6 +1,6 @@
 """kfusion benchmarks: one command, rewrites benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # all sections (about 20 minutes on 2 cores)
+    python benchmarks/run.py            # all sections (20-30 minutes on 2 cores)
     python benchmarks/run.py --quick    # fewer rounds, for a smoke run
     python benchmarks/run.py --render   # RESULTS.md again from results.json and NOTES.md
 
@@ -515,6 +515,10 @@ def section_backends(rounds, steps):
         backend: worker(rounds, steps, env={"KERAS_BACKEND": backend})
         for backend in ("tensorflow", "jax", "torch")
     }
+    # On PyTorch, jit_compile=True hands the train step to torch.compile.
+    results["torch, jit_compile=True"] = worker(
+        rounds, steps, env={"KERAS_BACKEND": "torch"}, jit="true"
+    )
     base = results["tensorflow"].get("median_ms")
     for r in results.values():
         if base and "median_ms" in r:
@@ -806,8 +810,9 @@ concat's step; `implied_ratio` = full-model step with that cost added to concat'
 ## Backends: the same FusionModel (ratio to TensorFlow)
 
 Each backend runs in its own process with Keras' default `jit_compile` (TensorFlow on a CPU:
-no XLA; JAX: XLA; PyTorch: eager) and times PyTorch eager interleaved with itself; `vs_torch`
-is kfusion's samples/s over PyTorch eager's in that process.
+no XLA; JAX: XLA; PyTorch: eager; the last row sets `jit_compile=True` on PyTorch, which
+compiles the train step with `torch.compile`) and times PyTorch eager interleaved with itself;
+`vs_torch` is kfusion's samples/s over PyTorch eager's in that process.
 
 {table(sections["backends"], cols=("median_ms", "ratio", "samples_per_s", "torch_ms", "vs_torch"))}
 
