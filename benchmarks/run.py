@@ -187,7 +187,7 @@ def timed(fn, calls):
         gc.enable()
 
 
-def keras_stepper(model, x, y, jit_compile="auto"):
+def keras_stepper(model, x, y, jit_compile="auto", batch=BATCH):
     import keras
 
     model.compile(
@@ -197,9 +197,9 @@ def keras_stepper(model, x, y, jit_compile="auto"):
     )
 
     def rows(a, i):
-        return [v[i : i + BATCH] for v in a] if isinstance(a, list) else a[i : i + BATCH]
+        return [v[i : i + batch] for v in a] if isinstance(a, list) else a[i : i + batch]
 
-    batches = [(rows(x, i), y[i : i + BATCH]) for i in range(0, len(y), BATCH)]
+    batches = [(rows(x, i), y[i : i + batch]) for i in range(0, len(y), batch)]
     for bx, by in batches[:2]:
         model.train_on_batch(bx, by)  # warm-up: tracing and compilation
 
@@ -658,6 +658,90 @@ def section_inference(rounds):
     return result
 
 
+# ------------------------------------------------------------------------------- GPU
+GPU_BATCHES = (64, 1024)
+
+
+def train_flops(batch):
+    """FLOPs of one training step of `kfusion_model()`: its matmuls and convolutions.
+
+    Counted as 2 per multiply-add, forward pass x3 for a training step (the backward pass
+    costs about twice the forward one); elementwise ops, norms and softmax are left out, so
+    the achieved FLOP/s this gives is a lower bound on the work done.
+    """
+    d, ff, heads_dim = 64, 128, 64
+    conv = 2 * T * 3 * (F * 64 + 64 * 64)  # two Conv1D, kernel 3
+    lstm = 2 * T * 4 * 64 * (F + 64)  # input and recurrent matmuls of each step
+    proj = 2 * T * F * d
+    block = 2 * T * 4 * d * heads_dim + 2 * 2 * T * T * heads_dim + 2 * T * 2 * d * ff
+    head = 2 * 3 * 64 * CLASSES
+    return 3 * batch * (conv + lstm + proj + 2 * block + head)
+
+
+def section_gpu(rounds, steps, peak_tflops):
+    """The FusionModel under mixed_bfloat16 on the backend's first device (JAX: XLA).
+
+    Contenders are batch sizes, interleaved; each row gives samples/s, the achieved TFLOP/s
+    of `train_flops` and, given `--peak-tflops`, its fraction of the device's peak.
+    """
+    import keras
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(0)
+    runners = {}
+    for batch in GPU_BATCHES:
+        x, y = data(n=batch * 4)
+        runners[f"batch {batch}"] = keras_stepper(kfusion_model(), x, y, batch=batch)
+    times = interleave(runners, rounds, steps)
+    result = {"device": device_name()}
+    for batch in GPU_BATCHES:
+        median = statistics.median(times[f"batch {batch}"])
+        tflops = train_flops(batch) / median / 1e12
+        row = {"median_ms": 1000 * median, "samples_per_s": batch / median, "tflops": tflops}
+        if peak_tflops:
+            row["fraction_of_peak"] = tflops / peak_tflops
+        result[f"batch {batch}"] = row
+    keras.config.set_dtype_policy("float32")
+    return result
+
+
+def device_name():
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"{device.platform}: {device.device_kind}"
+    return f"{keras.backend.backend()}: default device"
+
+
+NO_GPU = """\
+No accelerator was lent to the session that wrote this file (the device tool's status said
+`can_start_another: false`), so no GPU samples/s or fraction of peak FLOP/s is recorded here.
+On a GPU machine, `KERAS_BACKEND=jax python benchmarks/run.py --gpu --peak-tflops P` (P: the
+device's dense bf16 peak) times the FusionModel under `mixed_bfloat16`, writes
+`benchmarks/gpu.json` and rewrites this section."""
+
+
+def gpu_markdown():
+    path = os.path.join(HERE, "gpu.json")
+    if not os.path.exists(path):
+        return NO_GPU
+    with open(path) as f:
+        saved = json.load(f)
+    gpu = dict(saved["gpu"])
+    device = gpu.pop("device")
+    cols = ("median_ms", "samples_per_s", "tflops", "fraction_of_peak")
+    return f"""Written by `python benchmarks/run.py --gpu` on {saved["date"]} ({device}; keras
+{saved["versions"]["keras"]}, jax {saved["versions"]["jax"]}; peak taken as
+{saved["peak_tflops"]} TFLOP/s). The FusionModel above under `mixed_bfloat16`, train_on_batch
+on in-memory batches, {saved["rounds"]} interleaved rounds of {saved["steps"]} steps. `tflops`
+counts the matmuls and convolutions only (`train_flops` in run.py), so it is a lower bound.
+
+{table(gpu, cols=tuple(c for c in cols if any(c in r for r in gpu.values())))}"""
+
+
 # ---------------------------------------------------------------------------- report
 def table(result, cols=("median_ms", "ratio", "samples_per_s")):
     lines = ["| contender | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -667,8 +751,8 @@ def table(result, cols=("median_ms", "ratio", "samples_per_s")):
         cells = []
         for c in cols:
             v = r.get(c)
-            ratio = c in ("ratio", "ratio_xla", "vs_torch", "implied_ratio")
-            fmt = ".3f" if ratio else ",.2f" if c == "added_ms" else ",.1f"
+            ratio = c in ("ratio", "ratio_xla", "vs_torch", "implied_ratio", "fraction_of_peak")
+            fmt = ".3f" if ratio else ",.2f" if c in ("added_ms", "tflops") else ",.1f"
             cells.append("" if v is None else format(v, fmt))
         if "error" in r:
             cells = [r["error"]] + [""] * (len(cols) - 1)
@@ -701,6 +785,12 @@ def main():
     parser.add_argument("--jit", choices=("auto", "true", "false"), default="auto")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="time the model under mixed_bfloat16 on the backend's device; writes gpu.json",
+    )
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
     steps = args.steps or (5 if args.quick else 20)
@@ -710,6 +800,17 @@ def main():
     if args.worker:
         run_worker(rounds, steps, args.jit)
         return
+    if args.gpu:
+        today = datetime.date.today().isoformat()
+        saved = {"versions": versions(), "date": today, "rounds": rounds, "steps": steps}
+        saved |= {"peak_tflops": args.peak_tflops}
+        saved["gpu"] = section_gpu(rounds, steps, args.peak_tflops)
+        with open(os.path.join(HERE, "gpu.json"), "w") as f:
+            json.dump(saved, f, indent=2)
+        print(json.dumps(saved, indent=2))
+        if not os.path.exists(os.path.join(HERE, "results.json")):
+            return
+        args.render = True
     if args.render:
         with open(os.path.join(HERE, "results.json")) as f:
             saved = json.load(f)
@@ -826,9 +927,7 @@ compiles the train step with `torch.compile`) and times PyTorch eager interleave
 
 ## GPU
 
-No accelerator was lent to the session that wrote this file (the device tool's status said
-`can_start_another: false`), so no GPU samples/s or fraction of peak FLOP/s is recorded here.
-`benchmarks/run.py` runs unchanged on a GPU machine with `KERAS_BACKEND=jax`.
+{gpu_markdown()}
 
 {notes}
 """
