@@ -686,13 +686,17 @@ def section_gpu(rounds, steps, peak_tflops):
     """
     import keras
 
+    previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
-    keras.utils.set_random_seed(0)
-    runners = {}
-    for batch in GPU_BATCHES:
-        x, y = data(n=batch * 4)
-        runners[f"batch {batch}"] = keras_stepper(kfusion_model(), x, y, batch=batch)
-    times = interleave(runners, rounds, steps)
+    try:
+        keras.utils.set_random_seed(0)
+        runners = {}
+        for batch in GPU_BATCHES:
+            x, y = data(n=batch * 4)
+            runners[f"batch {batch}"] = keras_stepper(kfusion_model(), x, y, batch=batch)
+        times = interleave(runners, rounds, steps)
+    finally:
+        keras.config.set_dtype_policy(previous)
     result = {"device": device_name()}
     for batch in GPU_BATCHES:
         median = statistics.median(times[f"batch {batch}"])
@@ -701,7 +705,6 @@ def section_gpu(rounds, steps, peak_tflops):
         if peak_tflops:
             row["fraction_of_peak"] = tflops / peak_tflops
         result[f"batch {batch}"] = row
-    keras.config.set_dtype_policy("float32")
     return result
 
 
@@ -801,22 +804,16 @@ def main():
         run_worker(rounds, steps, args.jit)
         return
     if args.gpu:
-        today = datetime.date.today().isoformat()
-        saved = {"versions": versions(), "date": today, "rounds": rounds, "steps": steps}
-        saved |= {"peak_tflops": args.peak_tflops}
+        saved = run_header(rounds, steps) | {"peak_tflops": args.peak_tflops}
         saved["gpu"] = section_gpu(rounds, steps, args.peak_tflops)
         with open(os.path.join(HERE, "gpu.json"), "w") as f:
             json.dump(saved, f, indent=2)
         print(json.dumps(saved, indent=2))
-        if not os.path.exists(os.path.join(HERE, "results.json")):
-            return
-        args.render = True
+        if os.path.exists(os.path.join(HERE, "results.json")):
+            render()
+        return
     if args.render:
-        with open(os.path.join(HERE, "results.json")) as f:
-            saved = json.load(f)
-        write_markdown(
-            saved["sections"], saved["rounds"], saved["steps"], saved["date"], saved["versions"]
-        )
+        render()
         return
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     sections = {
@@ -836,11 +833,25 @@ def main():
         # with the TensorFlow sections above
         "ops": section_ops(rounds),
     }
+    saved = run_header(rounds, steps)
     with open(os.path.join(HERE, "results.json"), "w") as f:
-        today = datetime.date.today().isoformat()
-        saved = {"versions": versions(), "date": today, "rounds": rounds, "steps": steps}
         json.dump(dict(saved, sections=sections), f, indent=2)
-    write_markdown(sections, rounds, steps, today, versions())
+    write_markdown(sections, rounds, steps, saved["date"], saved["versions"])
+
+
+def run_header(rounds, steps):
+    """What every saved run records beside its results: versions, date and run lengths."""
+    today = datetime.date.today().isoformat()
+    return {"versions": versions(), "date": today, "rounds": rounds, "steps": steps}
+
+
+def render():
+    """RESULTS.md again from results.json (and gpu.json, NOTES.md where they exist)."""
+    with open(os.path.join(HERE, "results.json")) as f:
+        saved = json.load(f)
+    write_markdown(
+        saved["sections"], saved["rounds"], saved["steps"], saved["date"], saved["versions"]
+    )
 
 
 FUSION_LAYER_COLS = ("median_ms", "added_ms", "implied_ratio")
