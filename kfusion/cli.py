@@ -72,6 +72,7 @@ def _atomic_json(data, path):
 # --------------------------------------------------------------------------------- demo
 DEMO_MODELS = ("cnn", "rnn", "transformer")
 DEMO_FUSIONS = ("concat", "attention", "gated")
+DEMO_VALIDATION_SPLIT = 0.1
 
 
 def _demo_model(kind, seed):
@@ -175,7 +176,7 @@ def cmd_demo(args):
 
     from kfusion import export as kexport
     from kfusion import inspect as kinspect
-    from kfusion.datasets import digits
+    from kfusion.datasets import digits, train_validation_split
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
@@ -194,6 +195,8 @@ def cmd_demo(args):
     x, y = digits(image=False)
     split = int(0.8 * len(y))
     x_train, y_train, x_test, y_test = x[:split], y[:split], x[split:], y[split:]
+    # Validation (the curves, and the choice of the best fused model) on a stratified part
+    # of the training images; the held-out test images are scored once, after training.
     kinds = list(DEMO_MODELS) + list(fusions)
     rows, histories, best = {}, {}, None
     total = len(kinds) * args.seeds
@@ -201,6 +204,9 @@ def cmd_demo(args):
     for seed in range(args.seeds):
         for kind in kinds:
             step += 1
+            (x_fit, y_fit), (x_val, y_val) = train_validation_split(
+                x_train, y_train, validation_split=DEMO_VALIDATION_SPLIT, seed=seed
+            )
             model = _demo_model(kind, seed)
             _say(
                 args,
@@ -209,33 +215,42 @@ def cmd_demo(args):
             model.compile(optimizer=keras.optimizers.Adam(3e-3))
             start = time.perf_counter()
             history = model.fit(
-                x_train,
-                y_train,
-                validation_data=(x_test, y_test),
+                x_fit,
+                y_fit,
+                validation_data=(x_val, y_val),
                 epochs=args.epochs,
                 batch_size=64,
                 verbose=0 if args.quiet else (1 if sys.stdout.isatty() else 2),
             )
             seconds = time.perf_counter() - start
+            val_acc = float(np.mean(model.predict(x_val, verbose=0).argmax(-1) == y_val))
             pred = model.predict(x_test, verbose=0).argmax(-1)
             acc = float(np.mean(pred == y_test))
             row = rows.setdefault(
                 model.name,
-                {"accuracy": [], "macro_f1": [], "seconds": [], "fused": kind in fusions},
+                {
+                    "accuracy": [],
+                    "val_accuracy": [],
+                    "macro_f1": [],
+                    "seconds": [],
+                    "fused": kind in fusions,
+                },
             )
             row["params"] = int(model.count_params())
             row["accuracy"].append(acc)
+            row["val_accuracy"].append(val_acc)
             row["macro_f1"].append(_macro_f1(y_test, pred, 10))
             row["seconds"].append(seconds)
             if seed == 0:
                 histories[model.name] = history.history
-            if kind in fusions and (best is None or acc > best[1]):
-                best = (model, acc)
+            if kind in fusions and (best is None or val_acc > best[2]):
+                best = (model, acc, val_acc)  # chosen on validation, never on the test
 
     summary = {
         name: {
             "accuracy": float(np.mean(r["accuracy"])),
             "accuracy_std": float(np.std(r["accuracy"])),
+            "val_accuracy": float(np.mean(r["val_accuracy"])),
             "macro_f1": float(np.mean(r["macro_f1"])),
             "params": r["params"],
             "train_seconds": float(np.mean(r["seconds"])),
@@ -258,8 +273,17 @@ def cmd_demo(args):
         )
 
     model = best[0]
-    print(f"\nbest fused model: {model.name} (accuracy {best[1]:.4f})")
-    report = {"best": model.name, "epochs": args.epochs, "seeds": args.seeds, "models": summary}
+    print(
+        f"\nbest fused model: {model.name} (accuracy {best[1]:.4f}; chosen on validation "
+        f"accuracy {best[2]:.4f}, {len(y_val)} of the training images)"
+    )
+    report = {
+        "best": model.name,
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+        "validation_samples": int(len(y_val)),
+        "models": summary,
+    }
     if model.fusion_kind in ("attention", "gated", "weighted"):
         weights = kinspect.branch_weights(model, x_test)
         print("branch weights (mean over held-out samples):")
@@ -505,6 +529,35 @@ class _EpochLog:
         return EpochLog()
 
 
+def _validation_split(model, features, y, train, data_path):
+    """`((x, y), (x_val, y_val), info)` for the spec's `validation_split`, or None.
+
+    keras' own `fit(validation_split=...)` validates on the last rows as they come, which
+    for a file sorted by class (as the UCR/UEA training files are) is one or two classes:
+    the rows are split by `kfusion.datasets.train_validation_split` instead, shuffled with
+    the spec's `seed` and stratified by class under a Classification head.
+    """
+    fraction = float(train.get("validation_split", 0.0))
+    if fraction <= 0.0:
+        return None
+    import numpy as np
+
+    from kfusion import datasets
+    from kfusion.heads import Classification
+
+    stratify = isinstance(model.head, Classification)
+    seed = train.get("seed", 0)
+    try:
+        fit_part, val_part = datasets.train_validation_split(
+            features, y, validation_split=fraction, seed=seed, stratify=stratify
+        )
+    except ValueError as e:
+        raise UserError(f"data {data_path}: cannot split off validation rows: {e}") from None
+    stratified = stratify and datasets._is_class_labels(np.asarray(y))  # float labels: not
+    info = {"samples": int(len(val_part[1])), "seed": seed, "stratified": bool(stratified)}
+    return fit_part, val_part, info
+
+
 def cmd_train(args):
     """Trains a FusionModel described by a spec file on .npz or .csv data."""
     model_spec, train = _load_train_spec(args.spec)
@@ -551,6 +604,10 @@ def cmd_train(args):
         model.check_data(features, y)
     except ValueError as e:
         raise UserError(f"data {args.data}: {e}") from None
+    validation_data = validation_info = None
+    validation = _validation_split(model, features, y, train, args.data)
+    if validation is not None:
+        (features, y), validation_data, validation_info = validation
     # Only now, with the spec and the data accepted, is the output folder touched.
     _check_writable_dir(out)
     exports = [(os.path.join(out, "model.keras"), "keras")]
@@ -577,7 +634,7 @@ def cmd_train(args):
             y,
             epochs=epochs,
             batch_size=train.get("batch_size", 32),
-            validation_split=float(train.get("validation_split", 0.0)),
+            validation_data=validation_data,
             shuffle=False,
             callbacks=callbacks,
             verbose=0,
@@ -598,7 +655,10 @@ def cmd_train(args):
                 f"{os.path.join(out, 'checkpoints', 'last.keras')} holds the trained model."
             ) from None
     metrics = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-    _atomic_json({"epochs": epochs, "history": metrics}, os.path.join(out, "metrics.json"))
+    report = {"epochs": epochs, "history": metrics}
+    if validation_info is not None:
+        report["validation"] = validation_info
+    _atomic_json(report, os.path.join(out, "metrics.json"))
     _say(args, f"wrote {out}/: model.keras, saved_model/, checkpoints/, metrics.json")
     return 0
 

@@ -95,6 +95,9 @@ def test_demo_tiny_budget(tmp_path):
     assert report["best"] == "fused_gated"
     assert set(report["models"]) == {"cnn_only", "rnn_only", "transformer_only", "fused_gated"}
     assert 0.0 <= report["models"]["fused_gated"]["accuracy"] <= 1.0
+    # validated on a stratified tenth of the 1,437 training images, not on the test images
+    assert report["validation_samples"] == 144
+    assert 0.0 <= report["models"]["fused_gated"]["val_accuracy"] <= 1.0
     assert report["fresh_process_max_difference"] < 1e-4
     assert (out / "best_saved_model" / "saved_model.pb").exists()
     assert (out / "best.keras").exists() and (out / "training_curves.png").exists()
@@ -252,6 +255,51 @@ def test_train_on_csv(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["history"]["accuracy"][-1] > 0.9  # a linear rule on the columns
+
+
+def test_train_validates_on_a_stratified_split(tmp_path, capsys, monkeypatch):
+    # Rows sorted by class, as in the UCR/UEA training files: keras' validation_split would
+    # validate on the last rows, all of class 2.
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40).astype("int32")
+    signal_ = rng.normal(size=(120, 12, 3)).astype("float32")
+    signal_[:, :, 0] += y[:, None]
+    np.savez(tmp_path / "sorted.npz", signal=signal_, y=y)
+    spec = {
+        "inputs": {"signal": {"shape": [12, 3]}},
+        "branches": [{"type": "CNN", "filters": [8], "name": "cnn"}],
+        "head": {"type": "Classification", "num_classes": 3},
+        "epochs": 2,
+        "batch_size": 30,
+        "validation_split": 0.25,
+        "seed": 3,
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    calls = []
+    fit = kf.FusionModel.fit
+
+    def spy(self, x=None, y=None, **kwargs):
+        calls.append((y, kwargs))
+        return fit(self, x, y, **kwargs)
+
+    monkeypatch.setattr(kf.FusionModel, "fit", spy)
+    args = ("train", tmp_path / "spec.yaml", "--data", tmp_path / "sorted.npz", "--quiet")
+    result = kfusion_here(capsys, *args, "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(calls) == 1
+    y_fit, kwargs = calls[0]
+    x_val, y_val = kwargs["validation_data"]
+    assert not kwargs.get("validation_split")
+    assert np.bincount(y_val).tolist() == [10, 10, 10] and x_val.shape == (30, 12, 3)
+    assert np.bincount(y_fit).tolist() == [30, 30, 30]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["validation"] == {"samples": 30, "seed": 3, "stratified": True}
+    assert len(metrics["history"]["val_loss"]) == 2 and "loss" in metrics["history"]
+
+    # the same seed gives the same validation rows (a resumed run validates on them too)
+    result = kfusion_here(capsys, *args, "--out", tmp_path / "again")
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_array_equal(calls[1][1]["validation_data"][0], x_val)
 
 
 @pytest.mark.parametrize(
