@@ -73,6 +73,48 @@ def test_config_roundtrip():
     assert clone.image_pooling is None and clone.normalization == "layer"
 
 
+def test_norm_momentum_config_and_old_configs():
+    branch = CNN(filters=4, normalization="batch", norm_momentum=0.7)
+    assert helpers.check_config_roundtrip(branch).norm_momentum == 0.7
+    branch.build((None, 6, 3))
+    assert branch.norm_layers[0].momentum == 0.7
+    old = branch.get_config()
+    del old["norm_momentum"]  # a config saved before the argument existed
+    assert CNN.from_config(old).norm_momentum == CNN().norm_momentum == 0.9
+
+
+def _digits_accuracies(**kwargs):
+    """Held-out accuracy of a CNN(normalization="batch") on digits rows, in inference mode
+    (moving statistics) and in training mode (the batch's own statistics).
+
+    384 training rows in batches of 128: 3 steps per epoch, 60 steps in all, as on a small
+    time-series set.
+    """
+    from kfusion.datasets import digits
+
+    x, y = digits(image=False)
+    inputs = keras.Input((8, 8))
+    features = CNN(filters=(16, 16), normalization="batch", **kwargs)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(features))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    model.fit(x[:384], y[:384], epochs=20, batch_size=128, verbose=0)
+    x_test, y_test = x[1000:1400], y[1000:1400]
+    inference = np.mean(np.argmax(model.predict(x_test, batch_size=400, verbose=0), -1) == y_test)
+    probs = helpers.as_numpy(model(x_test, training=True))  # updates the moving stats: last
+    return inference, np.mean(np.argmax(probs, -1) == y_test)
+
+
+def test_batch_norm_default_momentum_suits_few_steps():
+    # Measured over 5 seeds: inference 0.86-0.88 vs training mode 0.88-0.90 (no normalization:
+    # 0.71-0.73); keras' default 0.99 leaves the moving statistics near their start values:
+    # inference 0.35-0.54.
+    inference, training_mode = _digits_accuracies()
+    assert inference > 0.75, (inference, training_mode)  # chance: 0.1
+    assert inference > training_mode - 0.08, (inference, training_mode)
+    slow, slow_training_mode = _digits_accuracies(norm_momentum=0.99)
+    assert slow < slow_training_mode - 0.2, (slow, slow_training_mode)
+
+
 def test_default_names_are_unique():
     branch_checks.check_default_names(lambda **kw: CNN(filters=4, **kw), "cnn_branch")
 
@@ -277,6 +319,9 @@ def test_saved_model_export(ids, tmp_path):
         ({"residual": "yes"}, "residual"),
         ({"normalization": "group"}, "normalization"),
         ({"image_pooling": 0}, "image_pooling"),
+        ({"norm_momentum": 1.0}, "norm_momentum"),
+        ({"norm_momentum": -0.1}, "norm_momentum"),
+        ({"norm_momentum": "0.9"}, "norm_momentum"),
         ({"pooling": "first"}, "pooling"),
         ({"output_dim": 0}, "output_dim"),
         ({"vocab_size": 1}, "vocab_size"),
