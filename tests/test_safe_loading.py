@@ -96,6 +96,9 @@ CASES = {
     "GatedFusion": lambda: _layer_case(kf.layers.GatedFusion(4), [_floats(4, 3)] * 3),
     "LowRankFusion": lambda: _layer_case(kf.layers.LowRankFusion(4, rank=2), [_floats(4, 3)] * 2),
     "WeightedSumFusion": lambda: _layer_case(kf.layers.WeightedSumFusion(4), [_floats(4, 3)] * 2),
+    "InputNormalization": lambda: _layer_case(
+        kf.layers.InputNormalization("series"), _floats(4, 6, 3)
+    ),
     "PatchEmbedding": lambda: _layer_case(kf.layers.PatchEmbedding(4, 4), _floats(4, 8, 8, 3)),
     "PositionEmbedding": lambda: _layer_case(kf.layers.PositionEmbedding(8), _floats(4, 5, 4)),
     "TransformerBlock": lambda: _layer_case(

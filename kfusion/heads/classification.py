@@ -39,6 +39,13 @@ class Classification(BaseHead):
         from_logits: bool. If True the head returns logits (no final activation) and
             `default_loss()` / `default_metrics()` expect logits.
         label_smoothing: float in [0, 1). Label smoothing of `default_loss()`.
+        labels: None, or the class labels in the user's own vocabulary (strings or
+            numbers, all distinct), the label of class id `i` at index `i`. With labels,
+            `num_classes` may be None (it is `len(labels)`); `FusionModel.fit` and
+            `evaluate` take labels of the vocabulary's type (strings, say) and map them
+            to ids (`encode`), and `FusionModel.predict_labels` answers in the
+            vocabulary (`decode`). Class ids are still accepted as labels when the
+            vocabulary holds strings.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -62,18 +69,30 @@ class Classification(BaseHead):
     'SparseCategoricalCrossentropy'
     >>> tuple(kf.heads.Classification(2)(np.ones((4, 5), "float32")).shape)
     (4, 1)
+    >>> named = kf.heads.Classification(labels=["cat", "dog"])
+    >>> named.encode(["dog", "cat"]).tolist(), named.decode([1, 0]).tolist()
+    ([1, 0], ['dog', 'cat'])
     """
 
     def __init__(
         self,
-        num_classes,
+        num_classes=None,
         hidden_units=(),
         dropout=0.0,
         from_logits=False,
         label_smoothing=0.0,
+        labels=None,
         **kwargs,
     ):
+        labels = _check_vocabulary(labels)
+        if num_classes is None and labels is not None:
+            num_classes = len(labels)
         num_classes = _utils.check_int("num_classes", num_classes)
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(
+                f"`labels` must hold one label per class ({num_classes}). "
+                f"Received: labels={labels!r}"
+            )
         from_logits = _utils.check_bool("from_logits", from_logits)
         label_smoothing = _utils.check_rate("label_smoothing", label_smoothing)
         binary = num_classes <= 2
@@ -86,7 +105,62 @@ class Classification(BaseHead):
         self.num_classes = num_classes
         self.from_logits = from_logits
         self.label_smoothing = label_smoothing
+        self.labels = labels
         self.binary = binary
+
+    # ------------------------------------------------------------------ labels
+    def encode(self, y):
+        """Class ids (int32 NumPy array) for labels `y` of this head's vocabulary.
+
+        Without `labels`, or for numeric `y` when the vocabulary holds strings, `y` is
+        returned as class ids unchanged (checked later against `num_classes`).
+
+        Raises:
+            ValueError: naming a label that is not in the vocabulary.
+        """
+        y = np.asarray(y)
+        if not self._is_vocabulary_data(y):
+            return y
+        index = {label: i for i, label in enumerate(self.labels)}
+        flat = y.reshape(-1)
+        unknown = [v for v in dict.fromkeys(flat.tolist()) if v not in index]
+        if unknown:
+            raise ValueError(
+                f"The labels hold {unknown[:5]!r}, not in the vocabulary of head "
+                f"'{self.name}': labels={self.labels!r}."
+            )
+        return np.array([index[v] for v in flat.tolist()], dtype="int32").reshape(y.shape)
+
+    def decode(self, ids):
+        """The labels (NumPy array) of class ids; the ids themselves without `labels`."""
+        ids = np.asarray(ids).astype("int64")
+        if self.labels is None:
+            return ids
+        return np.asarray(self.labels, dtype=object if self._mixed_types() else None)[ids]
+
+    def class_ids(self, outputs):
+        """Class ids `(batch,)` from this head's outputs (probabilities or logits).
+
+        Multiclass: the argmax. Binary (one unit): the output above the threshold (0.5
+        on probabilities, 0 on logits), so a binary head never answers class 0 for
+        every row as `argmax` over its single unit would.
+        """
+        outputs = np.asarray(outputs)
+        if self.binary:
+            threshold = 0.0 if self.from_logits else 0.5
+            return (outputs.reshape(len(outputs), -1)[:, 0] > threshold).astype("int32")
+        return outputs.argmax(-1).astype("int32")
+
+    def _is_vocabulary_data(self, y):
+        if self.labels is None:
+            return False
+        strings = all(isinstance(v, str) for v in self.labels)
+        if y.dtype.kind in "USO":
+            return True
+        return not strings
+
+    def _mixed_types(self):
+        return len({type(v) for v in self.labels}) > 1
 
     def _activate(self, logits):
         if self.from_logits:
@@ -142,4 +216,21 @@ class Classification(BaseHead):
             "num_classes": self.num_classes,
             "from_logits": self.from_logits,
             "label_smoothing": self.label_smoothing,
+            "labels": None if self.labels is None else list(self.labels),
         }
+
+
+def _check_vocabulary(labels):
+    """A list of distinct str/int/float labels, or None; ValueError otherwise."""
+    if labels is None:
+        return None
+    if isinstance(labels, np.ndarray):
+        labels = labels.tolist()
+    ok = isinstance(labels, (list, tuple)) and len(labels) >= 1
+    ok = ok and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in labels)
+    if not ok or len(set(labels)) != len(labels):
+        raise ValueError(
+            "`labels` must be a non-empty list of distinct strings or numbers (the label of "
+            f"class id i at index i). Received: labels={labels!r}"
+        )
+    return list(labels)

@@ -5,6 +5,7 @@ from kfusion.layers.concat_fusion import ConcatFusion
 from kfusion.layers.cross_attention_fusion import CrossAttentionFusion
 from kfusion.layers.film_fusion import FiLMFusion
 from kfusion.layers.gated_fusion import GatedFusion
+from kfusion.layers.input_normalization import InputNormalization
 from kfusion.layers.low_rank_fusion import LowRankFusion
 from kfusion.layers.patch_embedding import PatchEmbedding
 from kfusion.layers.position_embedding import PositionEmbedding
@@ -17,6 +18,7 @@ __all__ = [
     "CrossAttentionFusion",
     "FiLMFusion",
     "GatedFusion",
+    "InputNormalization",
     "LowRankFusion",
     "PatchEmbedding",
     "PositionEmbedding",

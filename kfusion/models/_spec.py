@@ -2,7 +2,8 @@
 
 A spec is plain data (JSON/YAML friendly):
 
-    inputs:   {name: {shape: [...], dtype: float32}}
+    inputs:   {name: {shape: [...], dtype: float32, mask_value: 0.0, normalize: series}}
+              (mask_value and normalize are optional; see FusionModel)
     branches: {input name: [{type: CNN, ...}, {ref: branch name}, ...]}  (or a list
               when there is one input)
     fusion:   a fusion name ("gated") or {type: GatedFusion, units: 64}
@@ -21,6 +22,7 @@ import keras
 from kfusion.models import _factory
 
 MODEL_KEYS = ("inputs", "branches", "fusion", "head", "name", "fusion_units")
+INPUT_KEYS = ("shape", "dtype", "mask_value", "normalize")
 _BASE_LAYER_KEYS = ("trainable",)
 
 
@@ -88,7 +90,7 @@ def _build_layer(entry, module, what, names=None):
     cls = _lookup(module, kwargs.pop("type"), what, names)
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a missing or unexpected argument: say which entry
+    except (TypeError, ValueError) as e:  # a missing, unexpected or bad argument
         raise ValueError(f"Invalid {what} entry {entry!r}: {e}") from None
 
 
@@ -117,11 +119,15 @@ def spec_to_kwargs(spec):
     inputs = spec["inputs"]
     if not isinstance(inputs, dict) or not inputs:
         raise ValueError(f"`inputs` must map input names to {{shape, dtype}}. Got {inputs!r}")
-    input_map = {}
+    input_map, mask_values, normalizers = {}, {}, {}
     for name, value in inputs.items():
         if not isinstance(value, dict) or "shape" not in value:
             raise ValueError(f"Input {name!r} needs a 'shape'. Received: {value!r}")
-        check_keys(value, ("shape", "dtype"), f"input {name!r}")
+        check_keys(value, INPUT_KEYS, f"input {name!r}")
+        if value.get("mask_value") is not None:
+            mask_values[name] = value["mask_value"]
+        if value.get("normalize") is not None:
+            normalizers[name] = value["normalize"]
         shape = value["shape"]
         if not isinstance(shape, (list, tuple)):
             raise ValueError(
@@ -172,6 +178,8 @@ def spec_to_kwargs(spec):
         "fusion": fusion,
         "head": head,
         "fusion_units": spec.get("fusion_units"),
+        "mask_value": mask_values or None,
+        "normalize": normalizers or None,
     }
     if spec.get("name"):
         kwargs["name"] = spec["name"]
@@ -208,6 +216,16 @@ def _head_spec(head):
     return _clean_config(head)
 
 
+def _input_entry(model, spec):
+    entry = {"shape": list(spec["shape"]), "dtype": spec["dtype"]}
+    name = spec["name"]
+    if name in getattr(model, "mask_value", {}):
+        entry["mask_value"] = model.mask_value[name]
+    if name in getattr(model, "normalize", {}):
+        entry["normalize"] = model.normalize[name]
+    return entry
+
+
 def model_to_spec(model):
     """The spec of a FusionModel (plain lists and dicts)."""
     layers = {layer.name: layer for layer in model.branch_layers}
@@ -225,9 +243,7 @@ def model_to_spec(model):
         branches = next(iter(branches.values()))
     spec = {
         "name": model.name,
-        "inputs": {
-            s["name"]: {"shape": list(s["shape"]), "dtype": s["dtype"]} for s in model.input_specs
-        },
+        "inputs": {s["name"]: _input_entry(model, s) for s in model.input_specs},
         "branches": branches,
         "fusion": (
             _clean_config(model.fusion_layer) if model.fusion_layer is not None else model.fusion

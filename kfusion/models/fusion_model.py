@@ -1,8 +1,14 @@
+import math
+import numbers
+import re
+
 import keras
 import numpy as np
 
 from kfusion.branches._base import is_integer_dtype
 from kfusion.layers import _utils
+from kfusion.layers.input_normalization import MODES as NORMALIZE_MODES
+from kfusion.layers.input_normalization import InputNormalization
 from kfusion.models import _factory, _spec
 
 
@@ -160,6 +166,21 @@ class FusionModel(keras.Model):
             features.
         fusion_units: int or None. Width of a fusion layer made from a name (default: the
             widest branch output; `"concat"`: no projection).
+        mask_value: None, a number, or a dict input name -> number. A float sequence
+            input `(batch, T, F)` with a mask value is read through
+            `keras.layers.Masking`: a step whose features all equal it is padding, and
+            every branch and fusion layer leaves padded steps out (convolutions, RNN
+            steps, attention, pooling), so right-padding a sequence never changes a
+            prediction. A number applies to every float sequence input. Pad
+            unequal-length sequences with `kf.datasets.pad_sequences` (value 0.0).
+        normalize: None, `"adapt"`, `"series"`, or a dict input name -> one of them.
+            Standardises the raw input inside the graph with
+            `kf.layers.InputNormalization`, so saved and exported models normalise
+            their own inputs: `"adapt"` with per-feature statistics of the training
+            data (set by `adapt(x)`, and by the first `fit` on arrays when not yet
+            adapted; masked steps left out), `"series"` per sequence and channel over
+            its valid steps (the UCR/UEA convention). A string applies to every float
+            input it fits (`"series"`: sequences only).
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Returns:
@@ -190,6 +211,8 @@ class FusionModel(keras.Model):
         fusion="concat",
         head=None,
         fusion_units=None,
+        mask_value=None,
+        normalize=None,
         **kwargs,
     ):
         single = kwargs.pop("single_input", None)
@@ -197,6 +220,8 @@ class FusionModel(keras.Model):
         fusion_units = _utils.check_int("fusion_units", fusion_units, allow_none=True)
         # === Inputs and branches ===
         input_map, is_single = _normalize_inputs(inputs)
+        mask_values = _per_input_option("mask_value", mask_value, input_map)
+        normalizers = _per_input_option("normalize", normalize, input_map)
         if single is not None:
             is_single = bool(single) and len(input_map) == 1
         names = list(input_map)
@@ -221,10 +246,11 @@ class FusionModel(keras.Model):
         _check_shared_branches(branch_map, input_map)
 
         # === Functional graph ===
+        prepared = _prepare_inputs(input_map, mask_values, normalizers)
         features, owners = [], []
         for input_name, items in branch_map.items():
             for branch in items:
-                features.append(_call_branch(branch, input_map[input_name], input_name))
+                features.append(_call_branch(branch, prepared[input_name], input_name))
                 owners.append(branch.name)
         fusion_layer = None
         if len(features) == 1:
@@ -256,6 +282,8 @@ class FusionModel(keras.Model):
         self.fusion_layer = fusion_layer
         self.head = head
         self.fusion_units = fusion_units
+        self.mask_value = mask_values
+        self.normalize = normalizers
         self._branches_as_list = isinstance(branches, (list, tuple)) or isinstance(
             branches, keras.layers.Layer
         )
@@ -289,13 +317,29 @@ class FusionModel(keras.Model):
 
         With the head's default loss (`compile(loss=None)`, or that loss given again, as a
         `.keras` file restores it), NumPy labels `y` are checked by the head too (finite;
-        class ids in range; multi-label values in [0, 1]).
+        class ids in range; multi-label values in [0, 1]). Labels in a `Classification`
+        head's own vocabulary (`labels=`) are mapped to class ids first. Inputs with
+        `normalize="adapt"` that were never adapted are adapted on the rows `fit` trains
+        on (those before a `validation_split`).
         """
+        y = self.encode_labels(y)
+        if "validation_data" in kwargs and isinstance(kwargs["validation_data"], tuple):
+            data = kwargs["validation_data"]
+            if len(data) >= 2:
+                kwargs["validation_data"] = (data[0], self.encode_labels(data[1])) + data[2:]
         self.check_data(x, y)
+        if self._normalizations(adapted=False):
+            split = kwargs.get("validation_split", 0.0) or 0.0
+            arrays = self._input_arrays(x)
+            if arrays is not None:
+                rows = len(next(iter(arrays.values())))
+                keep = int(math.floor(rows * (1.0 - split)))
+                self.adapt({k: v[:keep] for k, v in arrays.items()}, only_unadapted=True)
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate`, after checking `x` (and `y`, as in `fit`)."""
+        y = self.encode_labels(y)
         self.check_data(x, y)
         return super().evaluate(x, y, *args, **kwargs)
 
@@ -303,6 +347,119 @@ class FusionModel(keras.Model):
         """`keras.Model.predict`, after checking `x` against the model's inputs."""
         self.check_data(x)
         return super().predict(x, *args, **kwargs)
+
+    # ------------------------------------------------------------------ labels
+    def _class_head(self):
+        if self.head is None or not callable(getattr(self.head, "class_ids", None)):
+            raise ValueError(
+                "predict_classes and predict_labels need a Classification head. This model's "
+                f"head is {None if self.head is None else _layer_str(self.head)}."
+            )
+        return self.head
+
+    def encode_labels(self, y):
+        """`y` with labels of a `Classification(labels=...)` head mapped to class ids.
+
+        Anything else (ids, other heads, datasets, None) is returned unchanged. For a
+        `MultiTask` head, a dict of labels is mapped task by task.
+        """
+        if y is None or self.head is None:
+            return y
+        heads = getattr(self.head, "heads", None)
+        if isinstance(heads, dict) and isinstance(y, dict):
+            return {
+                k: heads[k].encode(v) if k in heads and _has_vocabulary(heads[k]) else v
+                for k, v in y.items()
+            }
+        if _has_vocabulary(self.head) and _is_array_like(y, allow_dict=False):
+            return self.head.encode(y)
+        return y
+
+    def predict_classes(self, x, **kwargs):
+        """Class ids `(batch,)` for `x`, whatever the head's output shape.
+
+        The argmax for several classes; for a binary head (one sigmoid unit) the output
+        above 0.5 (0 with `from_logits=True`), where `predict(x).argmax(-1)` would
+        answer 0 for every row.
+
+        Args:
+            x: the inputs, as for `predict`.
+            **kwargs: `predict` arguments (`batch_size`, `verbose`, ...).
+        """
+        head = self._class_head()
+        kwargs.setdefault("verbose", 0)
+        return head.class_ids(self.predict(x, **kwargs))
+
+    def predict_labels(self, x, **kwargs):
+        """Predicted labels in the head's own vocabulary (`labels=`), else class ids.
+
+        Args:
+            x: the inputs, as for `predict`.
+            **kwargs: `predict` arguments (`batch_size`, `verbose`, ...).
+        """
+        return self._class_head().decode(self.predict_classes(x, **kwargs))
+
+    # ------------------------------------------------------------ normalisation
+    def _normalizations(self, adapted=None):
+        """`{input name: InputNormalization}` of the `"adapt"` inputs (by `adapted`)."""
+        out = {}
+        for name, mode in self.normalize.items():
+            if mode != "adapt":
+                continue
+            layer = self.get_layer(_layer_name(name, "normalization"))
+            if adapted is None or layer.adapted == adapted:
+                out[name] = layer
+        return out
+
+    def _input_arrays(self, x):
+        """`x` as a dict input name -> NumPy array, or None when it is not array data."""
+        names = [s["name"] for s in self.input_specs]
+        if x is None:
+            return None
+        if isinstance(x, dict):
+            if not all(_is_array_like(v, False) for v in x.values()):
+                return None
+            return {k: np.asarray(v) for k, v in x.items() if k in names}
+        if _is_array_list(x) and len(x) == len(names) and not self.single_input:
+            return {n: np.asarray(v) for n, v in zip(names, x)}
+        if _is_array_like(x, allow_dict=False) and len(names) == 1:
+            return {names[0]: np.asarray(x[0] if _is_array_list(x) else x)}
+        return None
+
+    def adapt(self, x, only_unadapted=False):
+        """Sets the statistics of every `normalize="adapt"` input from training data `x`.
+
+        Steps that are padding (`mask_value`) are left out. `fit` calls this itself on
+        its first call when an input was never adapted.
+
+        Args:
+            x: the training inputs as for `fit` (arrays, or a dict of them).
+            only_unadapted: bool, whether inputs adapted before keep their statistics.
+
+        Raises:
+            ValueError: when the model has no `"adapt"` input or `x` is not array data.
+        """
+        layers = self._normalizations(adapted=False if only_unadapted else None)
+        if not layers:
+            if only_unadapted:
+                return
+            raise ValueError(
+                "This model has no input with normalize='adapt'. Received: normalize="
+                f"{dict(self.normalize) or None}"
+            )
+        self.check_data(x)
+        arrays = self._input_arrays(x)
+        if arrays is None:
+            raise ValueError(
+                "adapt needs array data (NumPy arrays, or a dict input name -> array). "
+                f"Received: {type(x).__name__}"
+            )
+        for name, layer in layers.items():
+            data = arrays[name].astype("float32")
+            mask = None
+            if name in self.mask_value:
+                mask = np.any(data != np.float32(self.mask_value[name]), axis=-1)
+            layer.adapt(data, mask=mask)
 
     def check_data(self, x, y=None):
         """Raises `ValueError` naming the input and its expected shape when `x` can't fit.
@@ -396,6 +553,8 @@ class FusionModel(keras.Model):
             ),
             "head": keras.saving.serialize_keras_object(self.head) if self.head else None,
             "fusion_units": self.fusion_units,
+            "mask_value": dict(self.mask_value) or None,
+            "normalize": dict(self.normalize) or None,
         }
 
     @classmethod
@@ -493,7 +652,121 @@ def restore_compiled_state(model, config):
 # Keyword arguments FusionModel passes on to `keras.Model` (the functional constructor
 # silently drops any other, so a typo such as `fusoin=` would otherwise go unnoticed).
 _MODEL_KWARGS = ("name", "trainable")
-_ARGUMENTS = ("inputs", "branches", "fusion", "head", "fusion_units") + _MODEL_KWARGS
+_ARGUMENTS = (
+    "inputs",
+    "branches",
+    "fusion",
+    "head",
+    "fusion_units",
+    "mask_value",
+    "normalize",
+) + _MODEL_KWARGS
+
+
+def _has_vocabulary(head):
+    return getattr(head, "labels", None) is not None and callable(getattr(head, "encode", None))
+
+
+def _layer_name(input_name, what):
+    """A readable layer name for an input's preprocessing (names hold no odd characters)."""
+    return f"{re.sub(r'[^0-9A-Za-z_.-]', '_', input_name)}_{what}"
+
+
+def _eligible(option, tensor):
+    """Whether an input of this shape/dtype can take `option` (mask_value / normalize)."""
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
+    floating = dtype.startswith(("float", "bfloat"))
+    if option == "mask_value":
+        return floating and len(tensor.shape) == 3
+    return floating and len(tensor.shape) >= 2
+
+
+def _check_option_value(option, value, name):
+    if option == "mask_value":
+        ok = (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, bool)
+            and math.isfinite(float(value))
+        )
+        if not ok:
+            raise ValueError(
+                f"`mask_value` must be a finite number (the value of padded steps). "
+                f"Received: mask_value[{name!r}]={value!r}"
+            )
+        return float(value)
+    if value not in NORMALIZE_MODES:
+        raise ValueError(
+            f"`normalize` must be one of {list(NORMALIZE_MODES)} or None. "
+            f"Received: normalize[{name!r}]={value!r}"
+        )
+    return value
+
+
+def _per_input_option(option, value, input_map):
+    """`{input name: value}` for `mask_value`/`normalize` given as one value or a dict."""
+    if value is None:
+        return {}
+    what = {
+        "mask_value": "float sequence inputs (batch, T, F)",
+        "normalize": "float inputs",
+    }[option]
+    if isinstance(value, dict):
+        out = {}
+        for name, item in value.items():
+            if name not in input_map:
+                raise ValueError(
+                    f"`{option}` names an input that does not exist. Received: {option} key "
+                    f"{name!r}; inputs are {list(input_map)}."
+                    f"{_factory.suggest(name, input_map)}"
+                )
+            if item is None:
+                continue
+            item = _check_option_value(option, item, name)
+            tensor = input_map[name]
+            ok = _eligible(option, tensor) and not (item == "series" and len(tensor.shape) != 3)
+            if not ok:
+                raise ValueError(
+                    f"`{option}` applies to {what}"
+                    + (" ('series': sequences (batch, T, F) only)" if option == "normalize" else "")
+                    + f"; input {name!r} has shape {tuple(tensor.shape)} and dtype "
+                    f"{keras.backend.standardize_dtype(tensor.dtype)}. "
+                    f"Received: {option}[{name!r}]={item!r}"
+                )
+            out[name] = item
+        return out
+    out = {}
+    for name, tensor in input_map.items():
+        item = _check_option_value(option, value, name)
+        if _eligible(option, tensor) and not (item == "series" and len(tensor.shape) != 3):
+            out[name] = item
+    if not out:
+        raise ValueError(
+            f"`{option}` applies to {what}"
+            + (" ('series': sequences only)" if option == "normalize" else "")
+            + ", and this model has none: "
+            + ", ".join(
+                f"{n!r} {tuple(t.shape)} {keras.backend.standardize_dtype(t.dtype)}"
+                for n, t in input_map.items()
+            )
+            + f". Received: {option}={value!r}"
+        )
+    return out
+
+
+def _prepare_inputs(input_map, mask_values, normalizers):
+    """Each input through its `Masking` and `InputNormalization` layers, if any."""
+    prepared = {}
+    for name, tensor in input_map.items():
+        if name in mask_values:
+            tensor = keras.layers.Masking(
+                mask_values[name], dtype="float32", name=_layer_name(name, "masking")
+            )(tensor)
+        if name in normalizers:
+            tensor = InputNormalization(normalizers[name], name=_layer_name(name, "normalization"))(
+                tensor
+            )
+        prepared[name] = tensor
+    return prepared
 
 
 def _same_loss(loss, other):
