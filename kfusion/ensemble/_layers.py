@@ -9,10 +9,13 @@ import math
 import numbers
 
 import keras
+import numpy as np
 from keras import ops
 
 from kfusion.ensemble import _common
 from kfusion.layers import _utils
+
+START_POINTS = ("average", "geometric")
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -226,6 +229,159 @@ class FrozenMember(keras.layers.Layer):
         # `deserialize_keras_object` consumes the dict it reads: give it a copy.
         config["model"] = keras.saving.deserialize_keras_object(copy.deepcopy(config["model"]))
         return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="kfusion")
+class MetaLearner(keras.layers.Layer):
+    """The default meta learner of `kf.ensemble.stack`: a Dense layer that starts at an average.
+
+    The input is the concatenation `[y_1; ...; y_M]` of M member outputs `(batch, K)`
+    each (the members' probabilities, logits or values, per `input_spaces`). With
+    `l_m` each member's log-probabilities (softmax: `log p_m`, from probabilities as
+    `log(clip(p_m, 1e-7, 1))`, from logits as `log_softmax(z_m)`; sigmoid: the logit
+    `log p_m - log(1 - p_m)` of each unit) and the trainable `W` `(M K, K)` and `b`
+    `(K,)`:
+
+        start="average":    out = act(log(mean_m p_m) + [l_1; ...; l_M] W + b),  W = 0
+        start="geometric":  out = act([l_1; ...; l_M] W + b),          W = [I; ...; I] / M
+        regression:         out = [y_1; ...; y_M] W + b,               W = [I; ...; I] / M
+
+    (`act` is softmax, or a sigmoid per unit with `log(mean p)` read as the logit of the
+    mean; `b = 0` at the start). Before any training the first equals
+    `kf.ensemble.average(models)` (soft voting), the second
+    `kf.ensemble.average(models, mode="logits")` (the normalised geometric mean of the
+    probabilities), the third the mean of the values. Either way this is multinomial
+    logistic regression on the members' log-probabilities (Wolpert 1992; Breiman 1996)
+    whose fit starts from the ensemble average instead of from random weights, so a few
+    epochs of `fit` with Adam's default step improve on the average instead of having to
+    rediscover it.
+
+    Args:
+        num_members: int >= 1, M.
+        input_spaces: list of M spaces ("probabilities", "logits", "values"), what each
+            member outputs. All "values" means regression.
+        activation: "softmax" or "sigmoid" for classification (ignored for values).
+        start: "average" or "geometric", the classifier's starting point (see above).
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: a tensor `(batch, M K)`, the members' outputs concatenated.
+
+    Returns:
+        A tensor `(batch, K)`: probabilities (classification) or values (regression), in
+        the layer's compute dtype; the conversions and the Dense compute in float32.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from kfusion.ensemble._layers import MetaLearner
+    >>> layer = MetaLearner(2, input_spaces=["probabilities"] * 2)
+    >>> p1 = np.array([[0.2, 0.8]], "float32")
+    >>> p2 = np.array([[0.6, 0.4]], "float32")
+    >>> out = np.asarray(layer(np.concatenate([p1, p2], -1)), "float64")
+    >>> out.round(4).tolist()
+    [[0.4, 0.6]]
+    """
+
+    def __init__(
+        self, num_members, input_spaces=None, activation="softmax", start="average", **kwargs
+    ):
+        num_members = _utils.check_int("num_members", num_members)
+        if input_spaces is None:
+            input_spaces = ["probabilities"] * num_members
+        if not isinstance(input_spaces, (list, tuple)) or len(input_spaces) != num_members:
+            raise ValueError(
+                f"`input_spaces` must be a list of {num_members} spaces. "
+                f"Received: input_spaces={input_spaces!r}"
+            )
+        for space in input_spaces:
+            _utils.check_choice("input_spaces", space, _common.SPACES)
+        values = [space == "values" for space in input_spaces]
+        if any(values) and not all(values):
+            raise ValueError(
+                "`input_spaces` mixes regression values with classifier outputs. "
+                f"Received: input_spaces={list(input_spaces)!r}"
+            )
+        activation = _utils.check_choice("activation", activation, _common.ACTIVATIONS)
+        start = _utils.check_choice("start", start, START_POINTS)
+        super().__init__(**kwargs)
+        self.num_members = num_members
+        self.input_spaces = list(input_spaces)
+        self.activation = activation
+        self.start = start
+        self.regression = all(values)
+        self.units = None
+        self.kernel = None
+        self.bias = None
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        if len(input_shape) != 2 or width is None or width % self.num_members:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' takes the {self.num_members} members' "
+                f"outputs concatenated, (batch, {self.num_members} * K). "
+                f"Received: input_shape={tuple(input_shape)}"
+            )
+        units = width // self.num_members
+        self.units = units
+        if self.regression or self.start == "geometric":
+            start = np.tile(np.eye(units, dtype="float32"), (self.num_members, 1))
+            start /= self.num_members
+        else:
+            start = np.zeros((width, units), "float32")
+        self.kernel = self.add_weight(
+            shape=(width, units),
+            initializer=keras.initializers.Constant(0.0),
+            dtype="float32",
+            name="kernel",
+        )
+        self.kernel.assign(start)
+        self.bias = self.add_weight(
+            shape=(units,), initializer="zeros", dtype="float32", name="bias"
+        )
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = ops.cast(inputs, "float32")
+        # Variables read in float32 (a mixed policy would autocast them to float16).
+        kernel, bias = ops.cast(self.kernel, "float32"), ops.cast(self.bias, "float32")
+        if self.regression:
+            return ops.cast(ops.matmul(x, kernel) + bias, self.compute_dtype)
+        members = [x[:, m * self.units : (m + 1) * self.units] for m in range(self.num_members)]
+        features = [self._log_probabilities(y, s) for y, s in zip(members, self.input_spaces)]
+        z = ops.matmul(ops.concatenate(features, axis=-1), kernel) + bias
+        if self.start == "average":
+            probabilities = [
+                _common.to_space(y, s, "probabilities", self.activation)
+                for y, s in zip(members, self.input_spaces)
+            ]
+            mean = sum(probabilities[1:], probabilities[0]) / self.num_members
+            z = z + _common.to_space(mean, "probabilities", "logits", self.activation)
+        if self.activation == "softmax":
+            out = ops.softmax(z, axis=-1)
+        else:
+            out = ops.sigmoid(z)
+        return ops.cast(out, self.compute_dtype)
+
+    def _log_probabilities(self, y, space):
+        if space == "logits" and self.activation == "softmax":
+            return ops.log_softmax(y, axis=-1)  # the logits up to a per-sample constant
+        return _common.to_space(y, space, "logits", self.activation)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1] // self.num_members)
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_members": self.num_members,
+            "input_spaces": list(self.input_spaces),
+            "activation": self.activation,
+            "start": self.start,
+        }
 
 
 def _check_coefficients(value):

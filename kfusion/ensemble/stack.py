@@ -1,14 +1,14 @@
 import keras
 
 from kfusion.ensemble import _common
-from kfusion.ensemble._layers import FrozenMember
+from kfusion.ensemble._layers import START_POINTS, FrozenMember, MetaLearner
 from kfusion.ensemble.average import fresh_inputs
 from kfusion.layers import _utils
 
 TASKS = ("classification", "regression")
 
 
-def stack(models, meta=None, task=None, from_logits=None, name=None):
+def stack(models, meta=None, task=None, from_logits=None, start="average", name=None):
     """Stacks frozen base models under a meta learner trained on their outputs (one graph).
 
     Stacked generalisation (Wolpert 1992, *Stacked generalization*; Breiman 1996,
@@ -17,9 +17,25 @@ def stack(models, meta=None, task=None, from_logits=None, name=None):
 
         y_hat = g([f_1(x); ...; f_M(x)])
 
-    By default `g` is a single Dense layer: multinomial logistic regression
-    (`softmax(W [f_1; ...; f_M] + b)`, a sigmoid for one output unit) for classification,
-    linear regression for regression.
+    By default `g` is one Dense layer that starts at the ensemble average: for
+    classification, multinomial logistic regression on the members' log-probabilities
+    `l_m` (`log p_m`; the logit of each unit for sigmoid outputs),
+
+        start="average":    y_hat = softmax(log(mean_m p_m) + [l_1; ...; l_M] W + b),  W = 0
+        start="geometric":  y_hat = softmax([l_1; ...; l_M] W + b),       W = [I; ...; I] / M
+
+    (a sigmoid per unit for one output unit or sigmoid heads), and for regression linear
+    regression `y_hat = [f_1; ...; f_M] W + b` with `W = [I; ...; I] / M`; `b = 0`. So
+    before any fitting the stacked model outputs exactly `kf.ensemble.average(models)`
+    (or, with `start="geometric"`, the softmax of `average(models, mode="logits")`,
+    the normalised geometric mean of the probabilities), and `fit` can only move it
+    from there. A meta learner started from random weights on raw probabilities has to
+    rediscover the average first: on digits with three members of 0.92-0.93 test
+    accuracy it reached 0.83 after 20 epochs of Adam at its default step, where this
+    one starts at the average's 0.960 and reaches 0.97 in 1-5 epochs
+    (benchmarks/accuracy_ensembles.py measures both starts). The two starts differ
+    little in accuracy; `"average"` is the default because it begins exactly where
+    `average`, the usual baseline, is.
 
     Why the meta learner needs held-out data: on the examples a base model trained on,
     its outputs are better than they will ever be on new data (it has fit, partly
@@ -29,28 +45,34 @@ def stack(models, meta=None, task=None, from_logits=None, name=None):
     evaluate it on yet another split. The returned model makes that a plain `fit`: the
     bases are frozen (`trainable=False`, and always run in inference mode), so `fit`
     trains only the meta learner. The bases' own `trainable` flags are changed in place.
+    With `M K^2` weights the meta learner can overfit a small held-out set: a few epochs
+    (choose them on a validation split, or with `keras.callbacks.EarlyStopping`) keep it
+    near the average it started from.
 
     Args:
         models: list of at least two built `keras.Model`s with the same inputs, each
             returning one tensor `(batch, K_m)` (the same K when `meta` is None).
-        meta: None for the default learner, or a keras layer / model taking the
-            concatenated outputs `(batch, sum_m K_m)` (no `Lambda`: it must load with
-            `safe_mode=True`).
+        meta: None for the default learner (a `MetaLearner` layer named
+            `"meta_learner"`), or a keras layer / model taking the concatenated outputs
+            `(batch, sum_m K_m)` (no `Lambda`: it must load with `safe_mode=True`).
         task: `"classification"`, `"regression"`, or None: regression when every base is
             a FusionModel with a `Regression` head, classification otherwise. Chooses
             the default meta learner.
         from_logits: None or bool, what the bases output (see `kf.ensemble.average`);
             decides between softmax and sigmoid for the default classifier.
+        start: `"average"` (default) or `"geometric"`: where the default classifier
+            starts (above). Regression always starts at the mean.
         name: the stacked model's name. Defaults to `"stacked_ensemble"`.
 
     Returns:
         An uncompiled `keras.Model`; its only trainable weights are the meta learner's.
         The default classifier returns probabilities (compile with a loss taking
-        probabilities).
+        probabilities, e.g. `"sparse_categorical_crossentropy"`).
 
     Raises:
         ValueError: for fewer than two models, different inputs, outputs that are not
-            one `(batch, K)` tensor, an unknown `task`, a `meta` that is not a layer.
+            one `(batch, K)` tensor, an unknown `task` or `start`, a `meta` that is not
+            a layer.
 
     Example:
 
@@ -70,8 +92,11 @@ def stack(models, meta=None, task=None, from_logits=None, name=None):
     ...     model.compile(optimizer="adam")
     ...     _ = model.fit(x[:200], y[:200], epochs=1, verbose=0)
     >>> stacked = kf.ensemble.stack(bases)
+    >>> averaged = kf.ensemble.average(bases)
+    >>> bool(np.allclose(stacked.predict(x, verbose=0), averaged.predict(x, verbose=0)))
+    True
     >>> stacked.compile(optimizer="adam", loss="binary_crossentropy")
-    >>> _ = stacked.fit(x[200:], y[200:], epochs=1, verbose=0)  # held-out rows only
+    >>> _ = stacked.fit(x[200:], y[200:], epochs=2, verbose=0)  # held-out rows only
     >>> [w.path for w in stacked.trainable_weights]
     ['meta_learner/kernel', 'meta_learner/bias']
     >>> stacked.predict(x[:3], verbose=0).shape
@@ -81,6 +106,7 @@ def stack(models, meta=None, task=None, from_logits=None, name=None):
     if task is not None:
         _utils.check_choice("task", task, TASKS)
     from_logits = _common.check_from_logits(from_logits)
+    start = _utils.check_choice("start", start, START_POINTS)
     if meta is not None:
         if not isinstance(meta, keras.layers.Layer) or isinstance(meta, keras.layers.Lambda):
             raise ValueError(
@@ -102,12 +128,18 @@ def stack(models, meta=None, task=None, from_logits=None, name=None):
     outputs = [FrozenMember(m, name=f"frozen_{m.name}")(inputs) for m in models]
     features = keras.layers.Concatenate(dtype="float32", name="stacked_outputs")(outputs)
     if meta is None:
-        width = int(models[0].outputs[0].shape[-1])
         if task == "regression":
-            activation = None
+            spaces, activation = ["values"] * len(models), "softmax"
         else:
+            spaces = [space if space != "values" else "logits" for space, _ in kinds]
+            width = int(models[0].outputs[0].shape[-1])
             activation = kinds[0][1] or ("sigmoid" if width == 1 else "softmax")
-        meta = keras.layers.Dense(
-            width, activation=activation, dtype="float32", name="meta_learner"
+        meta = MetaLearner(
+            len(models),
+            input_spaces=spaces,
+            activation=activation,
+            start=start,
+            dtype="float32",
+            name="meta_learner",
         )
     return keras.Model(inputs, meta(features), name=name or "stacked_ensemble")
