@@ -10,6 +10,7 @@ from kfusion import (
     inspect,
     layers,
     models,
+    recipes,
     tune,
 )
 from kfusion.models import FusionModel
@@ -27,5 +28,6 @@ __all__ = [
     "inspect",
     "layers",
     "models",
+    "recipes",
     "tune",
 ]

@@ -96,6 +96,7 @@ CASES = {
     "GatedFusion": lambda: _layer_case(kf.layers.GatedFusion(4), [_floats(4, 3)] * 3),
     "LowRankFusion": lambda: _layer_case(kf.layers.LowRankFusion(4, rank=2), [_floats(4, 3)] * 2),
     "WeightedSumFusion": lambda: _layer_case(kf.layers.WeightedSumFusion(4), [_floats(4, 3)] * 2),
+    "BranchDropout": lambda: _layer_case(kf.layers.BranchDropout(0.3), [_floats(4, 3)] * 2),
     "InputNormalization": lambda: _layer_case(
         kf.layers.InputNormalization("series"), _floats(4, 6, 3)
     ),
@@ -109,6 +110,15 @@ CASES = {
     "Transformer": lambda: _layer_case(
         kf.branches.Transformer(dim=4, depth=1, num_heads=2, vocab_size=10),
         RNG.integers(0, 10, size=(4, 6)).astype("int32"),
+    ),
+    "FCN": lambda: _layer_case(
+        kf.branches.FCN(filters=(4, 4), kernel_sizes=(3, 3)), _floats(4, 6, 3)
+    ),
+    "ResNet": lambda: _layer_case(
+        kf.branches.ResNet(filters=(4,), kernel_sizes=(3, 3, 3)), _floats(4, 6, 3)
+    ),
+    "InceptionTime": lambda: _layer_case(
+        kf.branches.InceptionTime(depth=3, filters=4, kernel_sizes=(5, 3)), _floats(4, 6, 3)
     ),
     "MLP": lambda: _layer_case(kf.branches.MLP(units=(4,)), _floats(4, 3)),
     "Backbone": lambda: _layer_case(

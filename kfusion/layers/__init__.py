@@ -1,6 +1,7 @@
 """Fusion layers and the reusable blocks kfusion's branches are built from."""
 
 from kfusion.layers.attention_fusion import AttentionFusion
+from kfusion.layers.branch_dropout import BranchDropout
 from kfusion.layers.concat_fusion import ConcatFusion
 from kfusion.layers.cross_attention_fusion import CrossAttentionFusion
 from kfusion.layers.film_fusion import FiLMFusion
@@ -14,6 +15,7 @@ from kfusion.layers.weighted_sum_fusion import WeightedSumFusion
 
 __all__ = [
     "AttentionFusion",
+    "BranchDropout",
     "ConcatFusion",
     "CrossAttentionFusion",
     "FiLMFusion",

@@ -21,7 +21,7 @@ import keras
 
 from kfusion.models import _factory
 
-MODEL_KEYS = ("inputs", "branches", "fusion", "head", "name", "fusion_units")
+MODEL_KEYS = ("inputs", "branches", "fusion", "head", "name", "fusion_units", "branch_dropout")
 INPUT_KEYS = ("shape", "dtype", "mask_value", "normalize")
 _BASE_LAYER_KEYS = ("trainable",)
 
@@ -180,6 +180,7 @@ def spec_to_kwargs(spec):
         "fusion_units": spec.get("fusion_units"),
         "mask_value": mask_values or None,
         "normalize": normalizers or None,
+        "branch_dropout": spec.get("branch_dropout", 0.0),
     }
     if spec.get("name"):
         kwargs["name"] = spec["name"]
@@ -252,4 +253,6 @@ def model_to_spec(model):
     }
     if model.fusion_units is not None:
         spec["fusion_units"] = model.fusion_units
+    if getattr(model, "branch_dropout", 0.0):
+        spec["branch_dropout"] = model.branch_dropout
     return spec

@@ -7,6 +7,7 @@ import numpy as np
 
 from kfusion.branches._base import is_integer_dtype
 from kfusion.layers import _utils
+from kfusion.layers.branch_dropout import BranchDropout
 from kfusion.layers.input_normalization import MODES as NORMALIZE_MODES
 from kfusion.layers.input_normalization import InputNormalization
 from kfusion.models import _factory, _spec
@@ -181,6 +182,10 @@ class FusionModel(keras.Model):
             adapted; masked steps left out), `"series"` per sequence and channel over
             its valid steps (the UCR/UEA convention). A string applies to every float
             input it fits (`"series"`: sequences only).
+        branch_dropout: float in [0, 1). In training, each sample loses each branch's
+            features with this chance (never all of them; `kf.layers.BranchDropout`),
+            so no branch leans on the others and the fused model behaves like an
+            ensemble of its branches. Defaults to 0 (off). Not used with one branch.
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Returns:
@@ -213,11 +218,13 @@ class FusionModel(keras.Model):
         fusion_units=None,
         mask_value=None,
         normalize=None,
+        branch_dropout=0.0,
         **kwargs,
     ):
         single = kwargs.pop("single_input", None)
         _check_model_kwargs(kwargs)
         fusion_units = _utils.check_int("fusion_units", fusion_units, allow_none=True)
+        branch_dropout = _utils.check_rate("branch_dropout", branch_dropout)
         # === Inputs and branches ===
         input_map, is_single = _normalize_inputs(inputs)
         mask_values = _per_input_option("mask_value", mask_value, input_map)
@@ -262,6 +269,8 @@ class FusionModel(keras.Model):
             else:
                 fusion_layer = fusion
             _check_feature_ranks(features, fusion_layer, owners, fusion)
+            if branch_dropout > 0.0:
+                features = BranchDropout(branch_dropout, name="branch_dropout")(features)
             fused = _call_fusion(fusion_layer, features, fusion)
         if head is None:
             outputs = fused
@@ -284,6 +293,7 @@ class FusionModel(keras.Model):
         self.fusion_units = fusion_units
         self.mask_value = mask_values
         self.normalize = normalizers
+        self.branch_dropout = branch_dropout
         self._branches_as_list = isinstance(branches, (list, tuple)) or isinstance(
             branches, keras.layers.Layer
         )
@@ -555,6 +565,7 @@ class FusionModel(keras.Model):
             "fusion_units": self.fusion_units,
             "mask_value": dict(self.mask_value) or None,
             "normalize": dict(self.normalize) or None,
+            "branch_dropout": self.branch_dropout,
         }
 
     @classmethod
@@ -660,6 +671,7 @@ _ARGUMENTS = (
     "fusion_units",
     "mask_value",
     "normalize",
+    "branch_dropout",
 ) + _MODEL_KWARGS
 
 
