@@ -41,7 +41,7 @@ class BranchDropout(keras.layers.Layer):
     >>> a, b = np.ones((64, 4), "float32"), np.ones((64, 4), "float32")
     >>> out = [np.asarray(t) for t in layer([a, b], training=True)]
     >>> kept = (out[0][:, 0] > 0).astype(int) + (out[1][:, 0] > 0).astype(int)
-    >>> bool(kept.min() >= 1), sorted(set(np.round(out[0][:, 0], 3)))
+    >>> bool(kept.min() >= 1), sorted(set(np.round(out[0][:, 0], 3).tolist()))
     (True, [0.0, 1.0, 2.0])
     >>> [np.asarray(t).tolist() == a.tolist() for t in layer([a, b])]
     [True, True]
