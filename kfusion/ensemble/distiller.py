@@ -22,9 +22,27 @@ class Distiller(keras.Model):
 
     `L_hard` is the student's ordinary loss (by default its kfusion head's
     `default_loss()`); the `T^2` factor keeps the soft term's gradients on the scale of
-    the hard term's when `T` changes. The teacher is frozen (`trainable=False`, set in
-    place) and always runs with `training=False`. Everything is written with `keras.ops`
-    (in `compute_loss`), so it trains on TensorFlow, JAX and PyTorch.
+    the hard term's when `T` changes. Note that `alpha` weighs the *hard* term here (as in
+    the Keras distillation example); Hinton et al.'s soft-target weight is `1 - alpha`.
+
+    The defaults, `temperature=2.0` and `alpha=0.5`, come from a measurement on digits
+    (8x8 images, 1,000 training rows; teacher: the average of three CNN + Transformer
+    members, 0.96 test accuracy; student: a 5k-parameter 2-layer CNN, Adam 5e-3, batch
+    64). After 60 epochs the distilled student scored 0.950 and 0.973 on the validation
+    split for two seeds against 0.925 and 0.963 trained alone; `T=4, alpha=0.5` was
+    about as good (0.953, 0.965) and `T=4, alpha=0.1` (nine tenths soft targets, close
+    to the former defaults `T=3, alpha=0.1`) was worse (0.943).
+    `benchmarks/accuracy_ensembles.py` reports the defaults over three seeds. Two
+    caveats, measured in the same runs: distillation needs more epochs than plain
+    training (after 15 epochs every distilled student was 0.01-0.07 below the student
+    alone; its gain came after 30-60), and a student that already matches its teacher
+    alone gains nothing (MLP students on flattened digits, 0.96-0.97 alone with a 0.966
+    MLP teacher, scored 0.005-0.02 lower distilled). Distil from a teacher clearly
+    better than the student, for longer than you would train the student alone.
+
+    The teacher is frozen (`trainable=False`, set in place) and always runs with
+    `training=False`. Everything is written with `keras.ops` (in `compute_loss`), so it
+    trains on TensorFlow, JAX and PyTorch.
 
     Logits or probabilities: each model's output follows the ensemble convention. A
     `FusionModel`'s head says which (`Classification(..., from_logits=True)` outputs
@@ -42,8 +60,9 @@ class Distiller(keras.Model):
         teacher: a built `keras.Model` (trained), a classifier.
         student: a built `keras.Model`, not the teacher itself, with the teacher's inputs
             and output shape.
-        temperature: float > 0, the softening temperature `T`. Defaults to 3.0.
-        alpha: float in [0, 1], the weight of the hard-label loss. Defaults to 0.1.
+        temperature: float > 0, the softening temperature `T`. Defaults to 2.0.
+        alpha: float in [0, 1], the weight of the hard-label loss (the soft targets
+            get `1 - alpha`). Defaults to 0.5.
         from_logits: None (each FusionModel's head decides; other models output
             probabilities), or a bool for both models.
         **kwargs: `keras.Model` arguments (`name`, ...).
@@ -77,7 +96,7 @@ class Distiller(keras.Model):
     (2, 1)
     """
 
-    def __init__(self, teacher, student, temperature=3.0, alpha=0.1, from_logits=None, **kwargs):
+    def __init__(self, teacher, student, temperature=2.0, alpha=0.5, from_logits=None, **kwargs):
         teacher = _common.check_model("teacher", teacher)
         student = _common.check_model("student", student)
         temperature = _utils.check_positive_float("temperature", temperature)

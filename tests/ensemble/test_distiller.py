@@ -10,6 +10,8 @@ from tests import helpers
 from tests.conftest import BACKEND, requires_tensorflow
 
 JIT = BACKEND != "torch"
+# Small models compile faster than XLA pays back on TensorFlow; JAX needs jit to be fast.
+SMALL_JIT = BACKEND == "jax"
 
 
 def _mlp(units, from_logits=False, name=None, num_classes=10, width=64):
@@ -52,7 +54,8 @@ def test_student_keeps_most_of_teacher_accuracy(digit_data, teacher):
     teacher_weights = [np.array(w) for w in teacher.get_weights()]
     student = _mlp((16,), name="student")
     assert 4 * student.count_params() <= teacher.count_params()
-    distiller = kf.ensemble.Distiller(teacher, student, temperature=3.0, alpha=0.1)
+    distiller = kf.ensemble.Distiller(teacher, student)  # the defaults, T=2 and alpha=0.5
+    assert (distiller.temperature, distiller.alpha) == (2.0, 0.5)
     distiller.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=JIT)
     history = distiller.fit(x, y, epochs=10, batch_size=64, verbose=0)
     losses = history.history["loss"]
@@ -64,6 +67,42 @@ def test_student_keeps_most_of_teacher_accuracy(digit_data, teacher):
     assert "accuracy" in history.history  # the student head's default metric
     for before, after in zip(teacher_weights, teacher.get_weights()):
         np.testing.assert_array_equal(before, after)  # the teacher stays frozen
+
+
+def test_distilled_student_beats_the_student_alone_on_noisy_labels(digit_data):
+    """The defaults give a measured gain where the soft targets know more than the labels.
+
+    A third of the 1,000 training labels are replaced at random. Trained alone for 30
+    epochs, the student fits that noise (~0.89 held-out accuracy); the teacher, an average
+    of three briefly trained MLPs (~0.94), is less swayed by it, and its soft targets carry
+    the student to ~0.93 (Hinton et al. 2015; distillation under label noise: Li et al.
+    2017, *Learning from Noisy Labels with Distillation*). Two seeds each way.
+    """
+    (x, y), (x_test, y_test) = digit_data
+    x, y = x[:1000], y[:1000].copy()
+    rng = np.random.default_rng(0)
+    noisy = rng.random(len(y)) < 0.3
+    y[noisy] = rng.integers(0, 10, int(noisy.sum()))
+    keras.utils.set_random_seed(3)
+    members = []
+    for i in range(3):
+        member = _mlp((64,), name=f"noisy_member_{i}")
+        member.compile(optimizer=keras.optimizers.Adam(3e-3), jit_compile=SMALL_JIT)
+        member.fit(x, y, epochs=6, batch_size=64, verbose=0)
+        members.append(member)
+    teacher = kf.ensemble.average(members)
+    alone, distilled = [], []
+    for seed in (0, 1):
+        for scores, distil in ((alone, False), (distilled, True)):
+            keras.utils.set_random_seed(seed)
+            student = _mlp((32,), name=f"student_{seed}_{int(distil)}")
+            trained = kf.ensemble.Distiller(teacher, student) if distil else student
+            trained.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=SMALL_JIT)
+            trained.fit(x, y, epochs=30, batch_size=64, verbose=0)
+            scores.append(_accuracy(student, x_test, y_test))
+    # Measured: alone 0.891 / 0.883, distilled 0.926 / 0.938 (497 test digits).
+    assert np.mean(distilled) >= np.mean(alone) + 0.02, (distilled, alone)
+    assert min(distilled) > max(alone) - 0.01, (distilled, alone)
 
 
 def test_only_the_student_trains(teacher):
