@@ -27,7 +27,9 @@ TRAIN_KEYS = (
     "label",
     "loss",
     "metrics",
+    "recipe",
 )
+RECIPE_OPTIONS = ("name", "max_epochs", "patience")
 
 
 class UserError(Exception):
@@ -376,6 +378,7 @@ _TRAIN_TYPES = {
     "optimizer": ((str, dict), "an optimizer name or config"),
     "loss": ((str, dict, list), "a loss name (or a dict or list of them)"),
     "metrics": ((list, dict), "a list of metric names"),
+    "recipe": ((str, dict), "a recipe name (small_data) or {name: small_data, ...}"),
 }
 
 
@@ -393,6 +396,35 @@ def _check_train_settings(train, path):
             if isinstance(value, types) and value != "":
                 continue
         raise UserError(f"spec {path}: {key!r} must be {expected}; got {key}={value!r}")
+    if "recipe" in train:
+        train["recipe"] = _check_recipe(train["recipe"], path)
+
+
+def _check_recipe(recipe, path):
+    """The spec's `recipe` as `{name, options...}`; UserError naming what is wrong."""
+    from kfusion.recipes import RECIPES
+
+    entry = {"name": recipe} if isinstance(recipe, str) else dict(recipe)
+    unknown = [k for k in entry if k not in RECIPE_OPTIONS]
+    if unknown:
+        raise UserError(
+            f"spec {path}: unknown recipe option {unknown[0]!r}; options: {list(RECIPE_OPTIONS)}"
+        )
+    if entry.get("name") not in RECIPES:
+        raise UserError(
+            f"spec {path}: 'recipe' must name one of {list(RECIPES)}; got "
+            f"name={entry.get('name')!r}"
+        )
+    for key, minimum in (("max_epochs", 1), ("patience", 4)):
+        if key in entry:
+            number = _as_number(entry[key], int)
+            if number is None or number < minimum:
+                raise UserError(
+                    f"spec {path}: recipe {key!r} must be an integer >= {minimum}; "
+                    f"got {key}={entry[key]!r}"
+                )
+            entry[key] = number
+    return entry
 
 
 def _names(value):
@@ -605,6 +637,14 @@ def cmd_train(args):
     except ValueError as e:
         raise UserError(f"data {args.data}: {e}") from None
     validation_data = validation_info = None
+    recipe = train.get("recipe")
+    if recipe is not None:
+        # The recipe selects on a validation split: a stratified fifth unless one is set.
+        train.setdefault("validation_split", 0.2)
+        if not train["validation_split"]:
+            raise UserError(
+                f"spec {args.spec}: recipe {recipe['name']!r} needs a validation_split > 0"
+            )
     validation = _validation_split(model, features, y, train, args.data)
     if validation is not None:
         (features, y), validation_data, validation_info = validation
@@ -620,9 +660,22 @@ def cmd_train(args):
             raise UserError(str(e)) from None
     if not args.resume and os.path.isdir(backup_dir):
         shutil.rmtree(backup_dir)
+    batch_size = train.get("batch_size", 32)
+    recipe_callbacks = []
+    if recipe is not None:
+        from kfusion.recipes import small_data_settings
+
+        rows = len(y)
+        options = {k: v for k, v in recipe.items() if k != "name"}
+        settings = small_data_settings(rows, **options)
+        # The spec's own epochs and batch_size win; the recipe fills in the rest.
+        epochs = train.get("epochs", settings["epochs"])
+        batch_size = train.get("batch_size", settings["batch_size"])
+        recipe_callbacks = settings["callbacks"][1:]  # StopOnNaN is already first
     callbacks = [
         # First: a NaN loss aborts fit before the checkpoint callbacks save that state.
         StopOnNaN(),
+        *recipe_callbacks,
         keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
         _Checkpoint(os.path.join(out, "checkpoints", "last.keras")),
         _EpochLog(args.quiet),
@@ -633,7 +686,7 @@ def cmd_train(args):
             features,
             y,
             epochs=epochs,
-            batch_size=train.get("batch_size", 32),
+            batch_size=batch_size,
             validation_data=validation_data,
             shuffle=False,
             callbacks=callbacks,
@@ -656,6 +709,8 @@ def cmd_train(args):
             ) from None
     metrics = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     report = {"epochs": epochs, "history": metrics}
+    if recipe is not None:
+        report["recipe"] = {**recipe, "batch_size": batch_size, "max_epochs": epochs}
     if validation_info is not None:
         report["validation"] = validation_info
     _atomic_json(report, os.path.join(out, "metrics.json"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-import kfusion as kf  # noqa: F401  (registers the classes .keras files name)
+import kfusion as kf  # registers the classes .keras files name
 from tests.conftest import requires_tensorflow
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow", PYTHONUNBUFFERED="1")
@@ -300,6 +300,48 @@ def test_train_validates_on_a_stratified_split(tmp_path, capsys, monkeypatch):
     result = kfusion_here(capsys, *args, "--out", tmp_path / "again")
     assert result.returncode == 0, result.stderr[-2000:]
     np.testing.assert_array_equal(calls[1][1]["validation_data"][0], x_val)
+
+
+def test_train_with_the_small_data_recipe(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(2), 40).astype("int32")
+    signal_ = rng.normal(size=(80, 12, 3)).astype("float32")
+    signal_[:, :, 0] += 2.0 * y[:, None]
+    np.savez(tmp_path / "d.npz", signal=signal_, y=y)
+    spec = {
+        "inputs": {"signal": {"shape": [12, 3], "normalize": "adapt"}},
+        "branches": [{"type": "CNN", "filters": [8], "name": "cnn"}],
+        "head": {"type": "Classification", "num_classes": 2},
+        "recipe": {"name": "small_data", "max_epochs": 12, "patience": 4},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    args = ("train", tmp_path / "spec.yaml", "--data", tmp_path / "d.npz", "--quiet")
+    result = kfusion_here(capsys, *args, "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # a stratified fifth validates; batch size by data size (64 rows -> 8); the best
+    # validation loss's weights are the ones exported
+    assert metrics["validation"]["samples"] == 16 and metrics["validation"]["stratified"]
+    assert metrics["recipe"] == {
+        "name": "small_data",
+        "max_epochs": 12,
+        "patience": 4,
+        "batch_size": 8,
+    }
+    val_loss = metrics["history"]["val_loss"]
+    assert 1 <= len(val_loss) <= 12 and "learning_rate" in metrics["history"]
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
+    (_, _), (x_val, y_val) = kf.datasets.train_validation_split(signal_, y, 0.2, seed=0)
+    loss = model.evaluate(x_val, y_val, verbose=0, return_dict=True)["loss"]
+    assert loss == pytest.approx(min(val_loss), rel=1e-3)
+    for recipe, fragment in (
+        ("fast", "'recipe' must name one of ['small_data']"),
+        ({"name": "small_data", "epochs": 3}, "unknown recipe option 'epochs'"),
+        ({"name": "small_data", "patience": 1}, "recipe 'patience' must be an integer >= 4"),
+    ):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "recipe": recipe}))
+        bad = ("train", tmp_path / "bad.yaml", "--data", tmp_path / "d.npz")
+        assert_user_error(kfusion_here(capsys, *bad, "--out", tmp_path / "o"), fragment)
 
 
 @pytest.mark.parametrize(
