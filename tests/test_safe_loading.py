@@ -21,7 +21,7 @@ import pytest
 import kfusion as kf
 from kfusion import cli
 from kfusion import export as kexport
-from kfusion.ensemble._layers import EnsembleAverage, FrozenMember
+from kfusion.ensemble._layers import EnsembleAverage, FrozenMember, MetaLearner
 from kfusion.heads._base import SparseCategoricalCrossentropyWithSmoothing
 from tests import helpers
 
@@ -133,6 +133,10 @@ CASES = {
     ),
     "EnsembleAverage": lambda: _layer_case(
         EnsembleAverage([0.5, 0.5], learned=True), [_probabilities(4, 3)] * 2
+    ),
+    "MetaLearner": lambda: _layer_case(
+        MetaLearner(2, ["probabilities", "probabilities"], activation="softmax"),
+        np.concatenate([_probabilities(4, 3)] * 2, axis=-1),
     ),
     "FrozenMember": lambda: _layer_case(FrozenMember(_classifier("member")), _floats(4, 4)),
     "SparseCategoricalCrossentropyWithSmoothing": _loss_case,
