@@ -19,7 +19,7 @@ import numpy as np
 
 from kfusion.layers import _utils
 
-__all__ = ["RECIPES", "small_data", "small_data_settings"]
+__all__ = ["small_data", "small_data_settings"]
 
 RECIPES = ("small_data",)
 
