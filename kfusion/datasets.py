@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from kfusion.layers import _utils
+from kfusion import _checks
 
 MODALITIES = ("image", "text", "tabular")
 
@@ -55,11 +55,11 @@ def sequence_classification(n=240, length=16, features=4, num_classes=3, seed=0)
     >>> x.shape, y.shape
     ((10, 16, 4), (10,))
     """
-    n = _utils.check_int("n", n)
-    length = _utils.check_int("length", length)
-    features = _utils.check_int("features", features)
-    num_classes = _utils.check_int("num_classes", num_classes, minimum=2)
-    seed = _utils.check_int("seed", seed, minimum=0)
+    n = _checks.check_int("n", n)
+    length = _checks.check_int("length", length)
+    features = _checks.check_int("features", features)
+    num_classes = _checks.check_int("num_classes", num_classes, minimum=2)
+    seed = _checks.check_int("seed", seed, minimum=0)
     rng = np.random.default_rng(seed)
     y = (np.arange(n) % num_classes).astype("int32")
     rng.shuffle(y)
@@ -108,11 +108,11 @@ def multimodal_classification(
     >>> sorted(x), x["text"].shape
     (['image', 'tabular', 'text'], (6, 10))
     """
-    n = _utils.check_int("n", n)
-    image_size = _utils.check_int("image_size", image_size, minimum=2)
-    length = _utils.check_int("length", length)
-    vocab_size = _utils.check_int("vocab_size", vocab_size, minimum=5)
-    seed = _utils.check_int("seed", seed, minimum=0)
+    n = _checks.check_int("n", n)
+    image_size = _checks.check_int("image_size", image_size, minimum=2)
+    length = _checks.check_int("length", length)
+    vocab_size = _checks.check_int("vocab_size", vocab_size, minimum=5)
+    seed = _checks.check_int("seed", seed, minimum=0)
     if (
         not isinstance(label_from, (list, tuple))
         or not label_from
@@ -164,8 +164,8 @@ def digits(image=True, seed=0):
     >>> x.shape, int(y.max())
     ((1797, 8, 8), 9)
     """
-    image = _utils.check_bool("image", image)
-    seed = _utils.check_int("seed", seed, minimum=0)
+    image = _checks.check_bool("image", image)
+    seed = _checks.check_int("seed", seed, minimum=0)
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -381,8 +381,8 @@ def pad_sequences(sequences, max_length=None, value=0.0, dtype="float32", trunca
     >>> x.shape, mask.sum(1).tolist(), float(x[0, 2:].max())
     ((2, 4, 3), [2, 4], 0.0)
     """
-    max_length = _utils.check_int("max_length", max_length, allow_none=True)
-    truncate = _utils.check_bool("truncate", truncate)
+    max_length = _checks.check_int("max_length", max_length, allow_none=True)
+    truncate = _checks.check_bool("truncate", truncate)
     try:
         dtype = np.dtype(dtype)
     except TypeError:
@@ -536,8 +536,8 @@ def train_validation_split(x, y, validation_split=0.2, seed=0, stratify=True):
             "`validation_split` must be a float in (0, 1). "
             f"Received: validation_split={validation_split!r}"
         )
-    seed = _utils.check_int("seed", seed, minimum=0)
-    stratify = _utils.check_bool("stratify", stratify)
+    seed = _checks.check_int("seed", seed, minimum=0)
+    stratify = _checks.check_bool("stratify", stratify)
     try:
         y = np.asarray(y)
     except ValueError:

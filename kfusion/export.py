@@ -33,7 +33,7 @@ import zipfile
 import keras
 import numpy as np
 
-from kfusion.callbacks.stop_on_nan import _first_non_finite
+from kfusion import _checks
 
 FORMATS = ("saved_model", "keras", "onnx", "litert")
 _ALIASES = {"tf_saved_model": "saved_model", "tflite": "litert"}
@@ -514,7 +514,7 @@ def export(model, path, format="saved_model", probe=None, atol=1e-4, rtol=1e-4):
     path = _check_path(path)
     atol = _check_tolerance("atol", atol)
     rtol = _check_tolerance("rtol", rtol)
-    bad = _first_non_finite(model.weights)
+    bad = _checks.first_non_finite(model.weights)
     if bad is not None:
         raise ValueError(
             f"`model` has NaN or inf values in weight {bad!r} (did training diverge?): "

@@ -8,7 +8,7 @@ import tempfile
 import keras
 import numpy as np
 
-from kfusion.layers import _utils
+from kfusion import _checks
 
 GRAPHVIZ_HINT = (
     "kfusion: architecture plot skipped: it needs pydot and Graphviz "
@@ -49,8 +49,8 @@ def plot(model, path, show_shapes=True, dpi=96, **kwargs):
         raise ValueError(f"`model` must be a keras Model. Received: model={model!r}")
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ValueError(f"`path` must be a non-empty path. Received: path={path!r}")
-    show_shapes = _utils.check_bool("show_shapes", show_shapes)
-    dpi = _utils.check_int("dpi", dpi)
+    show_shapes = _checks.check_bool("show_shapes", show_shapes)
+    dpi = _checks.check_int("dpi", dpi)
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -124,7 +124,7 @@ def _require_fusion_model(model, what):
 
 def _check_inputs(model, x, batch_size):
     """`batch_size` as an int; `x` checked against the model's inputs (names, shapes)."""
-    batch_size = _utils.check_int("batch_size", batch_size)
+    batch_size = _checks.check_int("batch_size", batch_size)
     if x is None:
         raise ValueError("`x` must be the model's inputs (an array or a dict of arrays).")
     check_data = getattr(model, "check_data", None)

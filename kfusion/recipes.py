@@ -17,7 +17,7 @@ options, `recipe: {name: small_data, max_epochs: 200}`.
 import keras
 import numpy as np
 
-from kfusion.layers import _utils
+from kfusion import _checks
 
 __all__ = ["small_data", "small_data_settings"]
 
@@ -64,11 +64,11 @@ def small_data_settings(
     """
     from kfusion.callbacks import StopOnNaN
 
-    num_train = _utils.check_int("num_train", num_train)
-    max_epochs = _utils.check_int("max_epochs", max_epochs)
-    patience = _utils.check_int("patience", patience, minimum=4)
-    min_batch_size = _utils.check_int("min_batch_size", min_batch_size)
-    max_batch_size = _utils.check_int("max_batch_size", max_batch_size, minimum=min_batch_size)
+    num_train = _checks.check_int("num_train", num_train)
+    max_epochs = _checks.check_int("max_epochs", max_epochs)
+    patience = _checks.check_int("patience", patience, minimum=4)
+    min_batch_size = _checks.check_int("min_batch_size", min_batch_size)
+    max_batch_size = _checks.check_int("max_batch_size", max_batch_size, minimum=min_batch_size)
     batch_size = int(np.clip(num_train // 10, min_batch_size, max_batch_size))
     callbacks = [
         StopOnNaN(),
@@ -140,9 +140,9 @@ def small_data(
     """
     from kfusion.datasets import train_validation_split
 
-    seed = _utils.check_int("seed", seed, minimum=0)
-    learning_rate = _utils.check_positive_float("learning_rate", learning_rate)
-    compile = _utils.check_bool("compile", compile)
+    seed = _checks.check_int("seed", seed, minimum=0)
+    learning_rate = _checks.check_positive_float("learning_rate", learning_rate)
+    compile = _checks.check_bool("compile", compile)
     if callbacks is not None and not isinstance(callbacks, (list, tuple)):
         raise ValueError(f"`callbacks` must be a list of callbacks. Received: {callbacks!r}")
     keras.utils.set_random_seed(seed)

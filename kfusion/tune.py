@@ -9,10 +9,9 @@ import numbers
 
 import keras
 
+from kfusion import _checks, heads
 from kfusion import branches as kbranches
-from kfusion import heads
 from kfusion.branches._base import infer_kind, is_integer_dtype
-from kfusion.layers import _utils
 from kfusion.models import FusionModel
 
 BRANCHES = {
@@ -122,8 +121,8 @@ def hypermodel(
     ['depth', 'fusion', 'learning_rate', 'use_cnn', 'use_rnn', 'width']
     """
     shape = _check_input_shape(input_shape)
-    num_classes = _utils.check_int("num_classes", num_classes)
-    vocab_size = _utils.check_int("vocab_size", vocab_size, minimum=2, allow_none=True)
+    num_classes = _checks.check_int("num_classes", num_classes)
+    vocab_size = _checks.check_int("vocab_size", vocab_size, minimum=2, allow_none=True)
     try:
         input_dtype = keras.backend.standardize_dtype(input_dtype)
     except (ValueError, TypeError) as e:
@@ -139,8 +138,8 @@ def hypermodel(
     _check_tokens(shape, kind, input_dtype, vocab_size)
     names = _check_branches(branches, kind)
     fusions = _check_names("fusions", fusions, VECTOR_FUSIONS)
-    widths = _utils.check_int_tuple("widths", widths)
-    depths = _utils.check_int_tuple("depths", depths)
+    widths = _checks.check_int_tuple("widths", widths)
+    depths = _checks.check_int_tuple("depths", depths)
     learning_rate = _check_learning_rate(learning_rate)
     kt = _require_keras_tuner()
 

@@ -32,6 +32,7 @@ mask), then the optional `output_dim` projection (per token when pooling is None
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 
 KINDS = ("tokens", "vectors", "sequence", "image")
@@ -81,10 +82,10 @@ class BaseBranch(keras.layers.Layer):
         if kwargs.get("name") is None:
             kwargs["name"] = default_name(self.name_prefix)
         super().__init__(**kwargs)
-        self.pooling = _utils.check_choice("pooling", pooling, self.poolings)
-        self.output_dim = _utils.check_int("output_dim", output_dim, allow_none=True)
-        self.vocab_size = _utils.check_int("vocab_size", vocab_size, minimum=2, allow_none=True)
-        self.embedding_dim = _utils.check_int("embedding_dim", embedding_dim, allow_none=True)
+        self.pooling = _checks.check_choice("pooling", pooling, self.poolings)
+        self.output_dim = _checks.check_int("output_dim", output_dim, allow_none=True)
+        self.vocab_size = _checks.check_int("vocab_size", vocab_size, minimum=2, allow_none=True)
+        self.embedding_dim = _checks.check_int("embedding_dim", embedding_dim, allow_none=True)
         if self.vocab_size is not None and "tokens" not in self.kinds:
             raise ValueError(
                 f"{type(self).__name__} does not take token ids. Received: vocab_size={vocab_size}"

@@ -7,8 +7,8 @@ import os
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.branches._base import BaseBranch
-from kfusion.layers import _utils
 
 # Preprocessing of each `keras.applications` family (keyed by the application's module):
 # "caffe": RGB -> BGR, minus the ImageNet BGR mean; "torch": /255, then ImageNet mean/std;
@@ -187,9 +187,9 @@ class Backbone(BaseBranch):
     ):
         model = _check_model(model)
         weights = _check_weights(weights, model)
-        trainable = _utils.check_bool("trainable", trainable)
+        trainable = _checks.check_bool("trainable", trainable)
         input_size = _check_input_size(input_size, model)
-        preprocess = _utils.check_bool("preprocess", preprocess)
+        preprocess = _checks.check_bool("preprocess", preprocess)
         super().__init__(pooling=pooling, output_dim=output_dim, trainable=trainable, **kwargs)
         self.model = model
         self.backbone_weights = weights

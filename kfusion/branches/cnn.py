@@ -1,8 +1,8 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.branches._base import BaseBranch
-from kfusion.layers import _utils
 
 _NORMS = ("batch", "layer", None)
 
@@ -122,14 +122,14 @@ class CNN(BaseBranch):
         embedding_dim=None,
         **kwargs,
     ):
-        filters = _utils.check_int_tuple("filters", filters)
-        kernel_size = _utils.check_int("kernel_size", kernel_size)
-        activation = _utils.check_activation("activation", activation)
-        dropout = _utils.check_rate("dropout", dropout)
-        residual = _utils.check_bool("residual", residual)
-        normalization = _utils.check_choice("normalization", normalization, _NORMS)
-        image_pooling = _utils.check_int("image_pooling", image_pooling, allow_none=True)
-        norm_momentum = _utils.check_rate("norm_momentum", norm_momentum)
+        filters = _checks.check_int_tuple("filters", filters)
+        kernel_size = _checks.check_int("kernel_size", kernel_size)
+        activation = _checks.check_activation("activation", activation)
+        dropout = _checks.check_rate("dropout", dropout)
+        residual = _checks.check_bool("residual", residual)
+        normalization = _checks.check_choice("normalization", normalization, _NORMS)
+        image_pooling = _checks.check_int("image_pooling", image_pooling, allow_none=True)
+        norm_momentum = _checks.check_rate("norm_momentum", norm_momentum)
         super().__init__(
             pooling=pooling,
             output_dim=output_dim,
@@ -279,7 +279,7 @@ class CNN(BaseBranch):
             **super().get_config(),
             "filters": list(self.filters),
             "kernel_size": self.kernel_size,
-            "activation": _utils.serialize_activation(self.activation),
+            "activation": _checks.serialize_activation(self.activation),
             "dropout": self.dropout,
             "residual": self.residual,
             "normalization": self.normalization,

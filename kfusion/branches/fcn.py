@@ -1,8 +1,8 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.branches._base import BaseBranch
-from kfusion.layers import _utils
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -91,15 +91,15 @@ class FCN(BaseBranch):
         embedding_dim=None,
         **kwargs,
     ):
-        filters = _utils.check_int_tuple("filters", filters)
-        kernel_sizes = _utils.check_int_tuple("kernel_sizes", kernel_sizes)
+        filters = _checks.check_int_tuple("filters", filters)
+        kernel_sizes = _checks.check_int_tuple("kernel_sizes", kernel_sizes)
         if len(kernel_sizes) != len(filters):
             raise ValueError(
                 "`kernel_sizes` must give one window per entry of `filters` "
                 f"({len(filters)}). Received: kernel_sizes={kernel_sizes!r}"
             )
-        dropout = _utils.check_rate("dropout", dropout)
-        norm_momentum = _utils.check_rate("norm_momentum", norm_momentum)
+        dropout = _checks.check_rate("dropout", dropout)
+        norm_momentum = _checks.check_rate("norm_momentum", norm_momentum)
         super().__init__(
             pooling=pooling,
             output_dim=output_dim,

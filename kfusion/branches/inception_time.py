@@ -1,8 +1,8 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.branches._base import BaseBranch
-from kfusion.layers import _utils
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -114,13 +114,13 @@ class InceptionTime(BaseBranch):
         embedding_dim=None,
         **kwargs,
     ):
-        depth = _utils.check_int("depth", depth)
-        filters = _utils.check_int("filters", filters)
-        kernel_sizes = _utils.check_int_tuple("kernel_sizes", kernel_sizes)
-        bottleneck_size = _utils.check_int("bottleneck_size", bottleneck_size, allow_none=True)
-        use_residual = _utils.check_bool("use_residual", use_residual)
-        dropout = _utils.check_rate("dropout", dropout)
-        norm_momentum = _utils.check_rate("norm_momentum", norm_momentum)
+        depth = _checks.check_int("depth", depth)
+        filters = _checks.check_int("filters", filters)
+        kernel_sizes = _checks.check_int_tuple("kernel_sizes", kernel_sizes)
+        bottleneck_size = _checks.check_int("bottleneck_size", bottleneck_size, allow_none=True)
+        use_residual = _checks.check_bool("use_residual", use_residual)
+        dropout = _checks.check_rate("dropout", dropout)
+        norm_momentum = _checks.check_rate("norm_momentum", norm_momentum)
         super().__init__(
             pooling=pooling,
             output_dim=output_dim,

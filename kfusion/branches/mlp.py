@@ -1,7 +1,7 @@
 import keras
 
+from kfusion import _checks
 from kfusion.branches._base import BaseBranch
-from kfusion.layers import _utils
 
 _NORMS = ("batch", "layer", None)
 
@@ -54,10 +54,10 @@ class MLP(BaseBranch):
         **kwargs,
     ):
         super().__init__(pooling=pooling, output_dim=output_dim, **kwargs)
-        self.units = _utils.check_int_tuple("units", units)
-        self.activation = _utils.check_activation("activation", activation)
-        self.dropout = _utils.check_rate("dropout", dropout)
-        self.normalization = _utils.check_choice("normalization", normalization, _NORMS)
+        self.units = _checks.check_int_tuple("units", units)
+        self.activation = _checks.check_activation("activation", activation)
+        self.dropout = _checks.check_rate("dropout", dropout)
+        self.normalization = _checks.check_choice("normalization", normalization, _NORMS)
         self.dense_layers = []
         self.norm_layers = []
         self.dropout_layers = []
@@ -103,7 +103,7 @@ class MLP(BaseBranch):
         return {
             **super().get_config(),
             "units": list(self.units),
-            "activation": _utils.serialize_activation(self.activation),
+            "activation": _checks.serialize_activation(self.activation),
             "dropout": self.dropout,
             "normalization": self.normalization,
         }

@@ -1,8 +1,8 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.branches._base import BaseBranch
-from kfusion.layers import _utils
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -92,10 +92,10 @@ class ResNet(BaseBranch):
         embedding_dim=None,
         **kwargs,
     ):
-        filters = _utils.check_int_tuple("filters", filters)
-        kernel_sizes = _utils.check_int_tuple("kernel_sizes", kernel_sizes)
-        dropout = _utils.check_rate("dropout", dropout)
-        norm_momentum = _utils.check_rate("norm_momentum", norm_momentum)
+        filters = _checks.check_int_tuple("filters", filters)
+        kernel_sizes = _checks.check_int_tuple("kernel_sizes", kernel_sizes)
+        dropout = _checks.check_rate("dropout", dropout)
+        norm_momentum = _checks.check_rate("norm_momentum", norm_momentum)
         super().__init__(
             pooling=pooling,
             output_dim=output_dim,

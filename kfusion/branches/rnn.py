@@ -1,8 +1,8 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.branches._base import BaseBranch
-from kfusion.layers import _utils
 
 _CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
 _HALF = ("float16", "bfloat16")
@@ -98,12 +98,12 @@ class RNN(BaseBranch):
         embedding_dim=None,
         **kwargs,
     ):
-        units = _utils.check_int("units", units)
-        cell = _utils.check_choice("cell", cell, tuple(_CELLS))
-        bidirectional = _utils.check_bool("bidirectional", bidirectional)
-        num_layers = _utils.check_int("num_layers", num_layers)
-        dropout = _utils.check_rate("dropout", dropout)
-        recurrent_dropout = _utils.check_rate("recurrent_dropout", recurrent_dropout)
+        units = _checks.check_int("units", units)
+        cell = _checks.check_choice("cell", cell, tuple(_CELLS))
+        bidirectional = _checks.check_bool("bidirectional", bidirectional)
+        num_layers = _checks.check_int("num_layers", num_layers)
+        dropout = _checks.check_rate("dropout", dropout)
+        recurrent_dropout = _checks.check_rate("recurrent_dropout", recurrent_dropout)
         super().__init__(
             pooling=pooling,
             output_dim=output_dim,

@@ -1,8 +1,8 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.branches._base import BaseBranch
-from kfusion.layers import _utils
 from kfusion.layers.patch_embedding import PatchEmbedding
 from kfusion.layers.position_embedding import PositionEmbedding
 from kfusion.layers.transformer_block import TransformerBlock
@@ -113,24 +113,24 @@ class Transformer(BaseBranch):
         norm_first=True,
         **kwargs,
     ):
-        dim = _utils.check_int("dim", dim)
-        depth = _utils.check_int("depth", depth)
-        num_heads = _utils.check_int("num_heads", num_heads)
+        dim = _checks.check_int("dim", dim)
+        depth = _checks.check_int("depth", depth)
+        num_heads = _checks.check_int("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(
                 "`dim` must be a multiple of `num_heads`. "
                 f"Received: dim={dim}, num_heads={num_heads}"
             )
-        intermediate_dim = _utils.check_int("intermediate_dim", intermediate_dim, allow_none=True)
-        dropout = _utils.check_rate("dropout", dropout)
-        max_length = _utils.check_int("max_length", max_length)
-        patch_size = _utils.check_int_tuple("patch_size", patch_size)
+        intermediate_dim = _checks.check_int("intermediate_dim", intermediate_dim, allow_none=True)
+        dropout = _checks.check_rate("dropout", dropout)
+        max_length = _checks.check_int("max_length", max_length)
+        patch_size = _checks.check_int_tuple("patch_size", patch_size)
         if len(patch_size) not in (1, 2):
             raise ValueError(
                 "`patch_size` must be an integer or a pair (ph, pw). "
                 f"Received: patch_size={patch_size!r}"
             )
-        norm_first = _utils.check_bool("norm_first", norm_first)
+        norm_first = _checks.check_bool("norm_first", norm_first)
         super().__init__(
             pooling=pooling,
             output_dim=output_dim,

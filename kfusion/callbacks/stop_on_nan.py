@@ -3,24 +3,12 @@ import math
 import keras
 import numpy as np
 
-from kfusion.layers import _utils
+from kfusion import _checks
 
 
 def _as_float(value):
     """A logged value (Python number, NumPy or backend scalar) as a Python float."""
     return float(np.asarray(keras.ops.convert_to_numpy(value), dtype="float64").reshape(-1)[0])
-
-
-def _first_non_finite(variables):
-    """The path of the first floating-point variable holding NaN or inf, or None."""
-    for variable in variables:
-        dtype = keras.backend.standardize_dtype(variable.dtype)
-        if not dtype.startswith(("float", "bfloat")):
-            continue
-        value = keras.ops.convert_to_numpy(keras.ops.cast(variable, "float32"))
-        if not np.all(np.isfinite(value)):
-            return getattr(variable, "path", None) or variable.name
-    return None
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -81,7 +69,7 @@ class StopOnNaN(keras.callbacks.Callback):
                 f"`monitor` must be the name of a logged value. Received: monitor={monitor!r}"
             )
         self.monitor = monitor
-        self.check_weights = _utils.check_bool("check_weights", check_weights)
+        self.check_weights = _checks.check_bool("check_weights", check_weights)
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -112,7 +100,7 @@ class StopOnNaN(keras.callbacks.Callback):
             )
         if not self.check_weights:
             return
-        path = _first_non_finite(self.model.weights)
+        path = _checks.first_non_finite(self.model.weights)
         if path is not None:
             raise FloatingPointError(
                 f"Training stopped at the end of epoch {epoch + 1}: weight {path!r} holds "

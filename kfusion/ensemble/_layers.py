@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kfusion import _checks
 from kfusion.ensemble import _common
 from kfusion.layers import _utils
 
@@ -71,8 +72,8 @@ class EnsembleAverage(keras.layers.Layer):
         **kwargs,
     ):
         coefficients = _check_coefficients(coefficients)
-        learned = _utils.check_bool("learned", learned)
-        mode = _utils.check_choice("mode", mode, ("probabilities", "logits"))
+        learned = _checks.check_bool("learned", learned)
+        mode = _checks.check_choice("mode", mode, ("probabilities", "logits"))
         if input_spaces is None:
             input_spaces = [mode] * len(coefficients)
         if not isinstance(input_spaces, (list, tuple)) or len(input_spaces) != len(coefficients):
@@ -81,8 +82,8 @@ class EnsembleAverage(keras.layers.Layer):
                 f"Received: input_spaces={input_spaces!r}"
             )
         for space in input_spaces:
-            _utils.check_choice("input_spaces", space, _common.SPACES)
-        activation = _utils.check_choice("activation", activation, _common.ACTIVATIONS)
+            _checks.check_choice("input_spaces", space, _common.SPACES)
+        activation = _checks.check_choice("activation", activation, _common.ACTIVATIONS)
         super().__init__(**kwargs)
         self.coefficients = coefficients
         self.learned = learned
@@ -286,7 +287,7 @@ class MetaLearner(keras.layers.Layer):
     def __init__(
         self, num_members, input_spaces=None, activation="softmax", start="average", **kwargs
     ):
-        num_members = _utils.check_int("num_members", num_members)
+        num_members = _checks.check_int("num_members", num_members)
         if input_spaces is None:
             input_spaces = ["probabilities"] * num_members
         if not isinstance(input_spaces, (list, tuple)) or len(input_spaces) != num_members:
@@ -295,15 +296,15 @@ class MetaLearner(keras.layers.Layer):
                 f"Received: input_spaces={input_spaces!r}"
             )
         for space in input_spaces:
-            _utils.check_choice("input_spaces", space, _common.SPACES)
+            _checks.check_choice("input_spaces", space, _common.SPACES)
         values = [space == "values" for space in input_spaces]
         if any(values) and not all(values):
             raise ValueError(
                 "`input_spaces` mixes regression values with classifier outputs. "
                 f"Received: input_spaces={list(input_spaces)!r}"
             )
-        activation = _utils.check_choice("activation", activation, _common.ACTIVATIONS)
-        start = _utils.check_choice("start", start, START_POINTS)
+        activation = _checks.check_choice("activation", activation, _common.ACTIVATIONS)
+        start = _checks.check_choice("start", start, START_POINTS)
         super().__init__(**kwargs)
         self.num_members = num_members
         self.input_spaces = list(input_spaces)

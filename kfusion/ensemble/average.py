@@ -3,9 +3,9 @@ import numbers
 
 import keras
 
+from kfusion import _checks
 from kfusion.ensemble import _common
 from kfusion.ensemble._layers import EnsembleAverage, FrozenMember
-from kfusion.layers import _utils
 
 MODES = ("probabilities", "logits")
 
@@ -79,7 +79,7 @@ def average(models, weights=None, mode="probabilities", from_logits=None, name=N
     ['mix_logits']
     """
     models = _common.check_models(models)
-    mode = _utils.check_choice("mode", mode, MODES)
+    mode = _checks.check_choice("mode", mode, MODES)
     from_logits = _common.check_from_logits(from_logits)
     coefficients, learned = _check_weights(weights, len(models))
     _common.check_unique_names(models)

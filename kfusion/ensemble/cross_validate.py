@@ -3,8 +3,8 @@ import weakref
 import keras
 import numpy as np
 
+from kfusion import _checks
 from kfusion.ensemble import _common
-from kfusion.layers import _utils
 
 TASKS = ("classification", "regression")
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1")
@@ -88,10 +88,10 @@ def cross_validate(
             f"`build_fn` must be a callable returning a new keras.Model. "
             f"Received: build_fn={build_fn!r}"
         )
-    folds = _utils.check_int("folds", folds, minimum=2)
-    epochs = _utils.check_int("epochs", epochs)
-    task = _utils.check_choice("task", task, TASKS)
-    seed = _utils.check_int("seed", seed, minimum=0)
+    folds = _checks.check_int("folds", folds, minimum=2)
+    epochs = _checks.check_int("epochs", epochs)
+    task = _checks.check_choice("task", task, TASKS)
+    seed = _checks.check_int("seed", seed, minimum=0)
     fit_kwargs = _check_fit_kwargs(fit_kwargs)
     from_logits = _common.check_from_logits(from_logits)
     n = _num_samples(x)

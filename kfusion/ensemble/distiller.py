@@ -4,8 +4,8 @@ import numbers
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.ensemble import _common
-from kfusion.layers import _utils
 from kfusion.models.fusion_model import restore_compiled_state
 
 
@@ -99,7 +99,7 @@ class Distiller(keras.Model):
     def __init__(self, teacher, student, temperature=2.0, alpha=0.5, from_logits=None, **kwargs):
         teacher = _common.check_model("teacher", teacher)
         student = _common.check_model("student", student)
-        temperature = _utils.check_positive_float("temperature", temperature)
+        temperature = _checks.check_positive_float("temperature", temperature)
         alpha = _check_alpha(alpha)
         from_logits = _common.check_from_logits(from_logits)
         if student is teacher:

@@ -1,7 +1,7 @@
 import keras
 
+from kfusion import _checks
 from kfusion.branches import Backbone
-from kfusion.layers import _utils
 
 
 def _branch(model, branch_name):
@@ -111,7 +111,7 @@ def unfreeze(model, branch_name, keep_batchnorm_frozen=True):
     >>> kf.ensemble.unfreeze(model, "cnn").trainable
     True
     """
-    keep_batchnorm_frozen = _utils.check_bool("keep_batchnorm_frozen", keep_batchnorm_frozen)
+    keep_batchnorm_frozen = _checks.check_bool("keep_batchnorm_frozen", keep_batchnorm_frozen)
     branch = _branch(model, branch_name)
     _set_trainable(branch, True)
     if keep_batchnorm_frozen:
@@ -165,9 +165,9 @@ class UnfreezeBackbone(keras.callbacks.Callback):
 
     def __init__(self, after_epochs=1, learning_rate=1e-5, keep_batchnorm_frozen=True):
         super().__init__()
-        self.after_epochs = _utils.check_int("after_epochs", after_epochs)
-        self.learning_rate = _utils.check_positive_float("learning_rate", learning_rate)
-        self.keep_batchnorm_frozen = _utils.check_bool(
+        self.after_epochs = _checks.check_int("after_epochs", after_epochs)
+        self.learning_rate = _checks.check_positive_float("learning_rate", learning_rate)
+        self.keep_batchnorm_frozen = _checks.check_bool(
             "keep_batchnorm_frozen", keep_batchnorm_frozen
         )
         self.unfrozen = []

@@ -3,8 +3,8 @@ import copy
 import keras
 import numpy as np
 
+from kfusion import _checks
 from kfusion.ensemble import _common
-from kfusion.layers import _utils
 
 METHODS = ("uniform", "greedy")
 METRICS = ("accuracy", "mae", "mse")
@@ -71,7 +71,7 @@ def soup(models, x_val=None, y_val=None, method="uniform", metric="accuracy", fr
     (16, 2)
     """
     models = _common.check_models(models, minimum=1)
-    method = _utils.check_choice("method", method, METHODS)
+    method = _checks.check_choice("method", method, METHODS)
     score_fn = _check_metric(metric)
     from_logits = _common.check_from_logits(from_logits)
     if method == "greedy":

@@ -1,9 +1,9 @@
 import keras
 
+from kfusion import _checks
 from kfusion.ensemble import _common
 from kfusion.ensemble._layers import START_POINTS, FrozenMember, MetaLearner
 from kfusion.ensemble.average import fresh_inputs
-from kfusion.layers import _utils
 
 TASKS = ("classification", "regression")
 
@@ -104,9 +104,9 @@ def stack(models, meta=None, task=None, from_logits=None, start="average", name=
     """
     models = _common.check_models(models)
     if task is not None:
-        _utils.check_choice("task", task, TASKS)
+        _checks.check_choice("task", task, TASKS)
     from_logits = _common.check_from_logits(from_logits)
-    start = _utils.check_choice("start", start, START_POINTS)
+    start = _checks.check_choice("start", start, START_POINTS)
     if meta is not None:
         if not isinstance(meta, keras.layers.Layer) or isinstance(meta, keras.layers.Lambda):
             raise ValueError(

@@ -24,15 +24,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from kfusion.layers import _utils
+from kfusion import _checks
 
 
 class BaseHead(keras.layers.Layer):
     """Base of all kfusion heads (see the module docstring for the contract)."""
 
     def __init__(self, output_units, hidden_units=(), dropout=0.0, **kwargs):
-        hidden_units = _utils.check_int_tuple("hidden_units", hidden_units, allow_empty=True)
-        dropout = _utils.check_rate("dropout", dropout)
+        hidden_units = _checks.check_int_tuple("hidden_units", hidden_units, allow_empty=True)
+        dropout = _checks.check_rate("dropout", dropout)
         super().__init__(**kwargs)
         self.hidden_units = hidden_units
         self.dropout = dropout

@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 
+from kfusion import _checks
 from kfusion.heads._base import (
     BaseHead,
     SparseCategoricalCrossentropyWithSmoothing,
@@ -87,14 +88,14 @@ class Classification(BaseHead):
         labels = _check_vocabulary(labels)
         if num_classes is None and labels is not None:
             num_classes = len(labels)
-        num_classes = _utils.check_int("num_classes", num_classes)
+        num_classes = _checks.check_int("num_classes", num_classes)
         if labels is not None and len(labels) != num_classes:
             raise ValueError(
                 f"`labels` must hold one label per class ({num_classes}). "
                 f"Received: labels={labels!r}"
             )
-        from_logits = _utils.check_bool("from_logits", from_logits)
-        label_smoothing = _utils.check_rate("label_smoothing", label_smoothing)
+        from_logits = _checks.check_bool("from_logits", from_logits)
+        label_smoothing = _checks.check_rate("label_smoothing", label_smoothing)
         binary = num_classes <= 2
         super().__init__(
             output_units=1 if binary else num_classes,

@@ -3,6 +3,7 @@ import numbers
 
 import keras
 
+from kfusion import _checks
 from kfusion.heads._base import BaseHead, check_unit_interval
 from kfusion.layers import _utils
 
@@ -66,7 +67,7 @@ class MultiLabel(BaseHead):
         label_smoothing=0.0,
         **kwargs,
     ):
-        num_labels = _utils.check_int("num_labels", num_labels)
+        num_labels = _checks.check_int("num_labels", num_labels)
         if (
             isinstance(threshold, bool)
             or not isinstance(threshold, numbers.Real)
@@ -75,8 +76,8 @@ class MultiLabel(BaseHead):
             raise ValueError(
                 f"`threshold` must be a float in (0, 1). Received: threshold={threshold!r}"
             )
-        from_logits = _utils.check_bool("from_logits", from_logits)
-        label_smoothing = _utils.check_rate("label_smoothing", label_smoothing)
+        from_logits = _checks.check_bool("from_logits", from_logits)
+        label_smoothing = _checks.check_rate("label_smoothing", label_smoothing)
         super().__init__(
             output_units=num_labels, hidden_units=hidden_units, dropout=dropout, **kwargs
         )

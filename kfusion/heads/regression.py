@@ -1,7 +1,7 @@
 import keras
 
+from kfusion import _checks
 from kfusion.heads._base import BaseHead
-from kfusion.layers import _utils
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -45,7 +45,7 @@ class Regression(BaseHead):
     """
 
     def __init__(self, units=1, hidden_units=(), dropout=0.0, **kwargs):
-        units = _utils.check_int("units", units)
+        units = _checks.check_int("units", units)
         super().__init__(output_units=units, hidden_units=hidden_units, dropout=dropout, **kwargs)
         self.units = units
 

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 from kfusion.layers._weighted_fusion import WeightedFusionBase
 
@@ -59,9 +60,9 @@ class AttentionFusion(WeightedFusionBase):
     """
 
     def __init__(self, units, attention_units=None, dropout=0.0, **kwargs):
-        units = _utils.check_int("units", units)
-        attention_units = _utils.check_int("attention_units", attention_units, allow_none=True)
-        dropout = _utils.check_rate("dropout", dropout)
+        units = _checks.check_int("units", units)
+        attention_units = _checks.check_int("attention_units", attention_units, allow_none=True)
+        dropout = _checks.check_rate("dropout", dropout)
         super().__init__(**kwargs)
         self.units = units
         self.attention_units = attention_units
@@ -97,7 +98,7 @@ class AttentionFusion(WeightedFusionBase):
         self.built = True
 
     def call(self, inputs, training=None, mask=None, return_weights=False):
-        _utils.check_bool("return_weights", return_weights)
+        _checks.check_bool("return_weights", return_weights)
         items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
         projected = ops.stack(
             [projection(h) for projection, h in zip(self.projections, items)], axis=1

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 
 
@@ -49,9 +50,9 @@ class BranchDropout(keras.layers.Layer):
 
     def __init__(self, rate=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.rate = _utils.check_rate("rate", rate)
+        self.rate = _checks.check_rate("rate", rate)
         if seed is not None:
-            seed = _utils.check_int("seed", seed, minimum=0)
+            seed = _checks.check_int("seed", seed, minimum=0)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
         self.supports_masking = True

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 
 
@@ -45,9 +46,9 @@ class ConcatFusion(keras.layers.Layer):
 
     def __init__(self, units=None, activation="relu", dropout=0.0, **kwargs):
         super().__init__(**kwargs)
-        self.units = _utils.check_int("units", units, allow_none=True)
-        self.activation = _utils.check_activation("activation", activation)
-        self.dropout = _utils.check_rate("dropout", dropout)
+        self.units = _checks.check_int("units", units, allow_none=True)
+        self.activation = _checks.check_activation("activation", activation)
+        self.dropout = _checks.check_rate("dropout", dropout)
         self.supports_masking = True
         self.projection = None
         if self.units is not None:
@@ -88,6 +89,6 @@ class ConcatFusion(keras.layers.Layer):
         return {
             **super().get_config(),
             "units": self.units,
-            "activation": _utils.serialize_activation(self.activation),
+            "activation": _checks.serialize_activation(self.activation),
             "dropout": self.dropout,
         }

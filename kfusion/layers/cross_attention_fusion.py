@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 
 # Masked attention logits are replaced by this before the (float32) softmax: exp() of it
@@ -120,10 +121,10 @@ class CrossAttentionFusion(keras.layers.Layer):
 
     def __init__(self, dim, num_heads=4, key_dim=None, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
-        self.dim = _utils.check_int("dim", dim)
-        self.num_heads = _utils.check_int("num_heads", num_heads)
-        self.key_dim = _utils.check_int("key_dim", key_dim, allow_none=True)
-        self.dropout = _utils.check_rate("dropout", dropout)
+        self.dim = _checks.check_int("dim", dim)
+        self.num_heads = _checks.check_int("num_heads", num_heads)
+        self.key_dim = _checks.check_int("key_dim", key_dim, allow_none=True)
+        self.dropout = _checks.check_rate("dropout", dropout)
         if self.key_dim is None and self.dim < self.num_heads:
             raise ValueError(
                 "`key_dim` defaults to dim // num_heads, which is 0 for "

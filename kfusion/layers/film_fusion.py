@@ -3,6 +3,7 @@ import numbers
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 
 
@@ -69,7 +70,7 @@ class FiLMFusion(keras.layers.Layer):
                 f"Received: condition={condition!r}"
             )
         self.condition = condition if isinstance(condition, str) else int(condition)
-        self.activation = _utils.check_activation("activation", activation)
+        self.activation = _checks.check_activation("activation", activation)
         self.supports_masking = True
         # The widths of gamma and beta (d) are only known in build().
         self.gamma_dense = None
@@ -147,5 +148,5 @@ class FiLMFusion(keras.layers.Layer):
         return {
             **super().get_config(),
             "condition": self.condition,
-            "activation": _utils.serialize_activation(self.activation),
+            "activation": _checks.serialize_activation(self.activation),
         }

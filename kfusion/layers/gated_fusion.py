@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 from kfusion.layers._weighted_fusion import WeightedFusionBase
 
@@ -61,8 +62,8 @@ class GatedFusion(WeightedFusionBase):
     """
 
     def __init__(self, units, dropout=0.0, **kwargs):
-        units = _utils.check_int("units", units)
-        dropout = _utils.check_rate("dropout", dropout)
+        units = _checks.check_int("units", units)
+        dropout = _checks.check_rate("dropout", dropout)
         super().__init__(**kwargs)
         self.units = units
         self.dropout = dropout
@@ -96,7 +97,7 @@ class GatedFusion(WeightedFusionBase):
         self.built = True
 
     def call(self, inputs, training=None, mask=None, return_weights=False):
-        _utils.check_bool("return_weights", return_weights)
+        _checks.check_bool("return_weights", return_weights)
         items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
         projected = [projection(h) for projection, h in zip(self.projections, items)]
         logits = self.gate(ops.concatenate(items, axis=-1))

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kfusion.layers import _utils
+from kfusion import _checks
 
 MODES = ("adapt", "series")
 
@@ -67,8 +67,8 @@ class InputNormalization(keras.layers.Layer):
         # standardised values to its own compute dtype.
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        self.mode = _utils.check_choice("mode", mode, MODES)
-        self.epsilon = _utils.check_positive_float("epsilon", epsilon)
+        self.mode = _checks.check_choice("mode", mode, MODES)
+        self.epsilon = _checks.check_positive_float("epsilon", epsilon)
         self.supports_masking = True
 
     def build(self, input_shape):

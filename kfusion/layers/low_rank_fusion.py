@@ -3,6 +3,7 @@ import math
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 
 
@@ -45,8 +46,8 @@ class LowRankFusion(keras.layers.Layer):
 
     def __init__(self, units, rank=4, **kwargs):
         super().__init__(**kwargs)
-        self.units = _utils.check_int("units", units)
-        self.rank = _utils.check_int("rank", rank)
+        self.units = _checks.check_int("units", units)
+        self.rank = _checks.check_int("rank", rank)
         self.supports_masking = True
         self.factors = []
 

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 
 
@@ -42,13 +43,13 @@ class PatchEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, patch_size, dim, **kwargs):
-        patch_size = _utils.check_int_tuple("patch_size", patch_size)
+        patch_size = _checks.check_int_tuple("patch_size", patch_size)
         if len(patch_size) not in (1, 2):
             raise ValueError(
                 "`patch_size` must be an integer or a pair (ph, pw). "
                 f"Received: patch_size={patch_size!r}"
             )
-        dim = _utils.check_int("dim", dim)
+        dim = _checks.check_int("dim", dim)
         super().__init__(**kwargs)
         self.patch_size = patch_size * 2 if len(patch_size) == 1 else patch_size
         self.dim = dim

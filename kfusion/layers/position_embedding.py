@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 
 
@@ -47,8 +48,8 @@ class PositionEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, max_length, initializer="glorot_uniform", **kwargs):
-        max_length = _utils.check_int("max_length", max_length)
-        initializer = _utils.check_initializer("initializer", initializer)
+        max_length = _checks.check_int("max_length", max_length)
+        initializer = _checks.check_initializer("initializer", initializer)
         super().__init__(**kwargs)
         self.max_length = max_length
         self.initializer = initializer

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 
 
@@ -121,13 +122,13 @@ class TransformerBlock(keras.layers.Layer):
         layer_norm_epsilon=1e-6,
         **kwargs,
     ):
-        num_heads = _utils.check_int("num_heads", num_heads)
-        intermediate_dim = _utils.check_int("intermediate_dim", intermediate_dim)
-        key_dim = _utils.check_int("key_dim", key_dim, allow_none=True)
-        dropout = _utils.check_rate("dropout", dropout)
-        activation = _utils.check_activation("activation", activation)
-        norm_first = _utils.check_bool("norm_first", norm_first)
-        layer_norm_epsilon = _utils.check_positive_float("layer_norm_epsilon", layer_norm_epsilon)
+        num_heads = _checks.check_int("num_heads", num_heads)
+        intermediate_dim = _checks.check_int("intermediate_dim", intermediate_dim)
+        key_dim = _checks.check_int("key_dim", key_dim, allow_none=True)
+        dropout = _checks.check_rate("dropout", dropout)
+        activation = _checks.check_activation("activation", activation)
+        norm_first = _checks.check_bool("norm_first", norm_first)
+        layer_norm_epsilon = _checks.check_positive_float("layer_norm_epsilon", layer_norm_epsilon)
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
@@ -229,7 +230,7 @@ class TransformerBlock(keras.layers.Layer):
             "intermediate_dim": self.intermediate_dim,
             "key_dim": self.key_dim,
             "dropout": self.dropout,
-            "activation": _utils.serialize_activation(self.activation),
+            "activation": _checks.serialize_activation(self.activation),
             "norm_first": self.norm_first,
             "layer_norm_epsilon": self.layer_norm_epsilon,
         }

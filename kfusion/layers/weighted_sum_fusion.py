@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from kfusion import _checks
 from kfusion.layers import _utils
 from kfusion.layers._weighted_fusion import WeightedFusionBase
 
@@ -57,9 +58,9 @@ class WeightedSumFusion(WeightedFusionBase):
     """
 
     def __init__(self, units=None, activation=None, dropout=0.0, **kwargs):
-        units = _utils.check_int("units", units, allow_none=True)
-        activation = _utils.check_activation("activation", activation)
-        dropout = _utils.check_rate("dropout", dropout)
+        units = _checks.check_int("units", units, allow_none=True)
+        activation = _checks.check_activation("activation", activation)
+        dropout = _checks.check_rate("dropout", dropout)
         super().__init__(**kwargs)
         self.units = units
         self.activation = activation
@@ -102,7 +103,7 @@ class WeightedSumFusion(WeightedFusionBase):
         self.built = True
 
     def call(self, inputs, training=None, mask=None, return_weights=False):
-        _utils.check_bool("return_weights", return_weights)
+        _checks.check_bool("return_weights", return_weights)
         items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
         if self.projections:
             items = [projection(h) for projection, h in zip(self.projections, items)]
@@ -123,6 +124,6 @@ class WeightedSumFusion(WeightedFusionBase):
         return {
             **super().get_config(),
             "units": self.units,
-            "activation": _utils.serialize_activation(self.activation),
+            "activation": _checks.serialize_activation(self.activation),
             "dropout": self.dropout,
         }

@@ -2,8 +2,7 @@
 
 import difflib
 
-from kfusion import layers
-from kfusion.layers import _utils
+from kfusion import _checks, layers
 
 FUSION_NAMES = {
     "concat": "ConcatFusion",
@@ -34,7 +33,7 @@ def check_fusion_name(fusion):
 def make_fusion(fusion, widths, units=None, dtype=None):
     """A fusion layer for `fusion` (a name) given the branch feature widths."""
     check_fusion_name(fusion)
-    _utils.check_int("fusion_units", units, allow_none=True)
+    _checks.check_int("fusion_units", units, allow_none=True)
     width = units or max(widths)
     cls = getattr(layers, FUSION_NAMES[fusion])
     kwargs = {"dtype": dtype} if dtype is not None else {}

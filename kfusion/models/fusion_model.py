@@ -5,8 +5,8 @@ import re
 import keras
 import numpy as np
 
+from kfusion import _checks
 from kfusion.branches._base import is_integer_dtype
-from kfusion.layers import _utils
 from kfusion.layers.branch_dropout import BranchDropout
 from kfusion.layers.input_normalization import MODES as NORMALIZE_MODES
 from kfusion.layers.input_normalization import InputNormalization
@@ -223,8 +223,8 @@ class FusionModel(keras.Model):
     ):
         single = kwargs.pop("single_input", None)
         _check_model_kwargs(kwargs)
-        fusion_units = _utils.check_int("fusion_units", fusion_units, allow_none=True)
-        branch_dropout = _utils.check_rate("branch_dropout", branch_dropout)
+        fusion_units = _checks.check_int("fusion_units", fusion_units, allow_none=True)
+        branch_dropout = _checks.check_rate("branch_dropout", branch_dropout)
         # === Inputs and branches ===
         input_map, is_single = _normalize_inputs(inputs)
         mask_values = _per_input_option("mask_value", mask_value, input_map)
