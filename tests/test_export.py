@@ -263,3 +263,60 @@ def test_probe_batch_bad_arguments(kwargs, name):
 def test_load_bad_path():
     with pytest.raises(ValueError, match="Received: path=None"):
         kexport.load(None)
+
+
+@pytest.mark.parametrize(
+    "inputs, name, bad",
+    [
+        ({"heart rate": keras.Input((3,))}, None, "heart rate"),
+        ({"température": keras.Input((3,))}, None, "température"),
+        ({"_x": keras.Input((3,))}, None, "_x"),
+        ({"x": keras.Input((3,))}, "my model", "my model"),
+    ],
+)
+def test_names_a_signature_cannot_carry_are_refused_when_the_model_is_built(inputs, name, bad):
+    key = next(iter(inputs))
+    with pytest.raises(ValueError, match="can't be used in a SavedModel") as info:
+        kf.FusionModel(inputs=inputs, branches={key: [kf.branches.MLP((4,))]}, name=name)
+    assert repr(bad) in str(info.value)
+    assert repr(kexport.safe_signature_name(bad)) in str(info.value)  # the name to use
+
+
+def test_names_that_signatures_carry_build_and_export(tmp_path):
+    model = kf.FusionModel(
+        inputs={"heart_rate": keras.Input((3,)), "a-b.c": keras.Input((2,))},
+        branches={"heart_rate": [kf.branches.MLP((4,))], "a-b.c": [kf.branches.MLP((4,))]},
+        name="model-1.v2",
+    )
+    kexport.export(model, tmp_path / "saved", format="saved_model")
+
+
+@requires_tensorflow
+def test_a_plain_keras_model_with_an_odd_name_is_one_line_and_nothing_is_written(tmp_path):
+    i = keras.Input((3,), name="x")
+    model = keras.Model(i, keras.layers.Dense(2)(i), name="my model")
+    with pytest.raises(kexport.ExportError) as info:
+        kexport.export(model, tmp_path / "saved", format="saved_model")
+    message = str(info.value)
+    assert "\n" not in message and "format='saved_model'" in message
+    assert "'my model'" in message and "'my_model'" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_converter_failure_is_one_line_naming_the_format_and_layer(tmp_path, monkeypatch):
+    model = _model()
+
+    def fails(model, tmp, probe, atol, rtol, **options):
+        raise TypeError(
+            "Could not convert op 'fusion_model/gated_fusion_1/gate/MatMul':\n  long trace"
+        )
+
+    monkeypatch.setitem(kexport._WRITERS, "keras", fails)
+    with pytest.raises(kexport.ExportError) as info:
+        kexport.export(model, tmp_path / "m.keras", format="keras")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("format='keras'") and "'gated_fusion/gate'" in message
+    assert "To do:" in message
+    assert isinstance(info.value.__cause__, TypeError)
+    assert os.listdir(tmp_path) == []

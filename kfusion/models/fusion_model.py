@@ -7,6 +7,7 @@ import numpy as np
 
 from kfusion import _checks
 from kfusion.branches._base import is_integer_dtype
+from kfusion.export import check_signature_name
 from kfusion.layers.branch_dropout import BranchDropout
 from kfusion.layers.input_normalization import MODES as NORMALIZE_MODES
 from kfusion.layers.input_normalization import InputNormalization
@@ -27,6 +28,8 @@ def _fresh_input(tensor, name):
         raise ValueError(
             f"`inputs` must be a keras.Input or a dict of them. Received: {name}={tensor!r}"
         )
+    # Names a SavedModel / LiteRT signature can't carry are refused here, not at export.
+    check_signature_name("Input name", name)
     dtype = keras.backend.standardize_dtype(tensor.dtype)
     if not (dtype.startswith(("float", "bfloat", "int", "uint"))):
         raise ValueError(
@@ -223,6 +226,8 @@ class FusionModel(keras.Model):
     ):
         single = kwargs.pop("single_input", None)
         _check_model_kwargs(kwargs)
+        if kwargs.get("name") is not None:
+            check_signature_name("Model name", kwargs["name"])
         fusion_units = _checks.check_int("fusion_units", fusion_units, allow_none=True)
         branch_dropout = _checks.check_rate("branch_dropout", branch_dropout)
         # === Inputs and branches ===
@@ -630,6 +635,44 @@ class FusionModel(keras.Model):
             if value == cls_name:
                 return key
         return cls_name
+
+    # ------------------------------------------------------------------- export
+    def export(
+        self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs
+    ):
+        """Exports the model for serving, through kfusion's verified export for ONNX.
+
+        `format="onnx"` (and `"litert"` without converter arguments) goes through
+        `kfusion.export.export`: written beside `filepath`, reloaded, compared with the
+        model, renamed into place, with kfusion's ONNX fixes (the exact GELU's `Erfc`, no
+        converter noise); `opset_version` picks the ONNX opset. Anything else is
+        `keras.Model.export` (`"tf_saved_model"`, `"openvino"`, a custom
+        `input_signature` or converter arguments).
+
+        Args:
+            filepath: where to write.
+            format: `"tf_saved_model"`, `"onnx"`, `"litert"`, or another keras format.
+            verbose: whether to print a message once written (keras' default: yes).
+            input_signature: as in `keras.Model.export`; given, keras exports as is.
+            **kwargs: as in `keras.Model.export` (`opset_version` for ONNX).
+
+        Returns:
+            For ONNX and LiteRT, the `kfusion.export.ExportResult` (the path written);
+            else what `keras.Model.export` returns.
+        """
+        onnx = format == "onnx" and set(kwargs) <= {"opset_version"}
+        litert = format == "litert" and not kwargs
+        verified = input_signature is None and (onnx or litert)
+        if not verified:
+            return super().export(
+                filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
+            )
+        from kfusion import export as kexport
+
+        result = kexport.export(self, filepath, format=format, opset=kwargs.get("opset_version"))
+        if verbose is None or verbose:
+            print(f"Saved artifact at '{result}'.")
+        return result
 
     def branch_features(self):
         """A `keras.Model` from the inputs to the list of branch features (pre-fusion).
