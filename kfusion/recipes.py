@@ -38,20 +38,23 @@ def small_data_settings(
     review*: `min(n / 10, 16)`), so even 40 rows make several steps an epoch. The
     learning rate halves when the validation loss has not improved for `patience // 4`
     epochs (down to 1e-5; Wang et al. 2017 and Fawaz et al. use ReduceLROnPlateau), and
-    training stops after `patience` epochs without improvement, restoring the weights
-    of the best validation loss. `max_epochs` bounds it all.
+    training stops after `patience` epochs without a better epoch, restoring the best
+    epoch's weights (`kf.callbacks.BestEpoch`: the highest validation accuracy, ties
+    broken by the lowest validation loss; models without an accuracy metric, by loss
+    alone). On a validation split of 10-40 series the loss alone can rank an untrained
+    first epoch above a trained, over-confident model. `max_epochs` bounds it all.
 
     Args:
         num_train: int >= 1, the rows the model trains on (after the validation split).
         max_epochs: int >= 1, the most epochs. Defaults to 300.
-        patience: int >= 4, epochs without a better validation loss before stopping.
-            Defaults to 40.
+        patience: int >= 4, epochs without a better epoch before stopping. Defaults to
+            40.
         min_batch_size: int >= 1. Defaults to 8.
         max_batch_size: int >= `min_batch_size`. Defaults to 16.
 
     Returns:
         A dict: `batch_size`, `epochs`, and `callbacks` (fresh keras callback objects:
-        `kf.callbacks.StopOnNaN`, `ReduceLROnPlateau`, `EarlyStopping`).
+        `kf.callbacks.StopOnNaN`, `ReduceLROnPlateau`, `kf.callbacks.BestEpoch`).
 
     Example:
 
@@ -60,9 +63,9 @@ def small_data_settings(
     >>> settings["batch_size"], settings["epochs"]
     (8, 300)
     >>> [type(c).__name__ for c in settings["callbacks"]]
-    ['StopOnNaN', 'ReduceLROnPlateau', 'EarlyStopping']
+    ['StopOnNaN', 'ReduceLROnPlateau', 'BestEpoch']
     """
-    from kfusion.callbacks import StopOnNaN
+    from kfusion.callbacks import BestEpoch, StopOnNaN
 
     num_train = _checks.check_int("num_train", num_train)
     max_epochs = _checks.check_int("max_epochs", max_epochs)
@@ -75,9 +78,7 @@ def small_data_settings(
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=max(2, patience // 4), min_lr=1e-5
         ),
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=patience, restore_best_weights=True
-        ),
+        BestEpoch(patience=patience),
     ]
     return {"batch_size": batch_size, "epochs": max_epochs, "callbacks": callbacks}
 
@@ -103,7 +104,8 @@ def small_data(
     2. Compiles the model with Adam at `learning_rate` and the head's loss and metrics
        (unless `compile=False`, which keeps the user's compile).
     3. Fits with `small_data_settings` (batch size by data size, learning rate halved on
-       a validation-loss plateau, early stopping restoring the best weights). Inputs
+       a validation-loss plateau, early stopping restoring the best epoch's weights:
+       best validation accuracy, then lowest validation loss). Inputs
        with `normalize="adapt"` are adapted on the training part only.
 
     Args:
@@ -116,7 +118,7 @@ def small_data(
         seed: int >= 0, the seed of the split and of `keras.utils.set_random_seed`.
         learning_rate: float > 0, Adam's starting learning rate. Defaults to 1e-3.
         max_epochs: int >= 1. Defaults to 300.
-        patience: int >= 4, epochs without a better validation loss before stopping.
+        patience: int >= 4, epochs without a better epoch before stopping.
         compile: bool, whether to compile the model as above. Defaults to True.
         callbacks: more keras callbacks, run after the recipe's own.
         verbose: `fit`'s verbosity. Defaults to 0.

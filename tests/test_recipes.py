@@ -22,7 +22,12 @@ def test_settings_follow_the_data_size():
     plateau, stop = settings["callbacks"][1:]
     assert settings["epochs"] == 50
     assert (plateau.monitor, plateau.patience, plateau.factor) == ("val_loss", 2, 0.5)
-    assert (stop.monitor, stop.patience, stop.restore_best_weights) == ("val_loss", 8, True)
+    assert isinstance(stop, kf.callbacks.BestEpoch)
+    assert (stop.monitor, stop.patience, stop.restore_best_weights) == (
+        ("val_accuracy", "val_loss"),
+        8,
+        True,
+    )
 
 
 def small_data_settings_batch(n):
@@ -43,13 +48,16 @@ def test_recipe_learns_and_keeps_the_best_validation_weights():
     history = kf.recipes.small_data(
         model, x, y, seed=0, learning_rate=3e-3, max_epochs=40, patience=6, callbacks=[Spy()]
     )
-    val_loss = history.history["val_loss"]
+    val_loss, val_acc = history.history["val_loss"], history.history["val_accuracy"]
     assert seen["lr"] == pytest.approx(3e-3)
     # The split held out a stratified fifth: 32 rows, every class in it.
     (_, _), (x_val, y_val) = kf.datasets.train_validation_split(x, y, 0.2, seed=0)
     assert len(y_val) == 32 and set(y_val) == {0, 1, 2}
+    # The best epoch: highest validation accuracy, then lowest validation loss.
+    epoch = min(range(len(val_loss)), key=lambda i: (-val_acc[i], val_loss[i]))
     best = model.evaluate(x_val, y_val, verbose=0, return_dict=True)
-    assert best["loss"] == pytest.approx(min(val_loss), rel=1e-4)
+    assert best["loss"] == pytest.approx(val_loss[epoch], rel=1e-4)
+    assert best["accuracy"] == pytest.approx(max(val_acc))
     x_test, y_test = kf.datasets.sequence_classification(n=96, length=16, features=2, seed=9)
     assert np.mean(model.predict_classes(x_test) == y_test) > 0.85
 

@@ -21,7 +21,16 @@ import keras
 
 from kfusion.models import _factory
 
-MODEL_KEYS = ("inputs", "branches", "fusion", "head", "name", "fusion_units", "branch_dropout")
+MODEL_KEYS = (
+    "inputs",
+    "branches",
+    "fusion",
+    "head",
+    "name",
+    "fusion_units",
+    "branch_dropout",
+    "feature_norm",
+)
 INPUT_KEYS = ("shape", "dtype", "mask_value", "normalize")
 _BASE_LAYER_KEYS = ("trainable",)
 
@@ -181,6 +190,7 @@ def spec_to_kwargs(spec):
         "mask_value": mask_values or None,
         "normalize": normalizers or None,
         "branch_dropout": spec.get("branch_dropout", 0.0),
+        "feature_norm": spec.get("feature_norm"),
     }
     if spec.get("name"):
         kwargs["name"] = spec["name"]
@@ -255,4 +265,6 @@ def model_to_spec(model):
         spec["fusion_units"] = model.fusion_units
     if getattr(model, "branch_dropout", 0.0):
         spec["branch_dropout"] = model.branch_dropout
+    if getattr(model, "feature_norm", None):
+        spec["feature_norm"] = model.feature_norm
     return spec

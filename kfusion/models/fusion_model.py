@@ -13,6 +13,8 @@ from kfusion.layers.input_normalization import MODES as NORMALIZE_MODES
 from kfusion.layers.input_normalization import InputNormalization
 from kfusion.models import _factory, _spec
 
+FEATURE_NORMS = (None, "layer")
+
 
 def _input_spec(tensor, name):
     return {
@@ -189,6 +191,11 @@ class FusionModel(keras.Model):
             features with this chance (never all of them; `kf.layers.BranchDropout`),
             so no branch leans on the others and the fused model behaves like an
             ensemble of its branches. Defaults to 0 (off). Not used with one branch.
+        feature_norm: None or `"layer"`. `"layer"` puts a `LayerNormalization` on each
+            branch's features before the fusion layer (named `<branch>_feature_norm`),
+            so branches whose features differ in scale (a CNN's ReLU sums against an
+            RNN's bounded states) meet on one scale and no gate saturates on the larger
+            one. Defaults to None (off). Not used with one branch.
         **kwargs: `keras.Model` arguments (`name`, ...).
 
     Returns:
@@ -222,6 +229,7 @@ class FusionModel(keras.Model):
         mask_value=None,
         normalize=None,
         branch_dropout=0.0,
+        feature_norm=None,
         **kwargs,
     ):
         single = kwargs.pop("single_input", None)
@@ -230,6 +238,7 @@ class FusionModel(keras.Model):
             check_signature_name("Model name", kwargs["name"])
         fusion_units = _checks.check_int("fusion_units", fusion_units, allow_none=True)
         branch_dropout = _checks.check_rate("branch_dropout", branch_dropout)
+        feature_norm = _checks.check_choice("feature_norm", feature_norm, FEATURE_NORMS)
         # === Inputs and branches ===
         input_map, is_single = _normalize_inputs(inputs)
         mask_values = _per_input_option("mask_value", mask_value, input_map)
@@ -274,6 +283,11 @@ class FusionModel(keras.Model):
             else:
                 fusion_layer = fusion
             _check_feature_ranks(features, fusion_layer, owners, fusion)
+            if feature_norm == "layer":
+                features = [
+                    keras.layers.LayerNormalization(name=f"{owner}_feature_norm")(f)
+                    for f, owner in zip(features, owners)
+                ]
             if branch_dropout > 0.0:
                 features = BranchDropout(branch_dropout, name="branch_dropout")(features)
             fused = _call_fusion(fusion_layer, features, fusion)
@@ -299,6 +313,7 @@ class FusionModel(keras.Model):
         self.mask_value = mask_values
         self.normalize = normalizers
         self.branch_dropout = branch_dropout
+        self.feature_norm = feature_norm
         self._branches_as_list = isinstance(branches, (list, tuple)) or isinstance(
             branches, keras.layers.Layer
         )
@@ -571,6 +586,7 @@ class FusionModel(keras.Model):
             "mask_value": dict(self.mask_value) or None,
             "normalize": dict(self.normalize) or None,
             "branch_dropout": self.branch_dropout,
+            "feature_norm": self.feature_norm,
         }
 
     @classmethod
@@ -715,6 +731,7 @@ _ARGUMENTS = (
     "mask_value",
     "normalize",
     "branch_dropout",
+    "feature_norm",
 ) + _MODEL_KWARGS
 
 
