@@ -40,9 +40,10 @@ def small_data_settings(
     epochs (down to 1e-5; Wang et al. 2017 and Fawaz et al. use ReduceLROnPlateau), and
     training stops after `patience` epochs without a better epoch, restoring the best
     epoch's weights (`kf.callbacks.BestEpoch`: the highest validation accuracy, ties
-    broken by the lowest validation loss; models without an accuracy metric, by loss
-    alone). On a validation split of 10-40 series the loss alone can rank an untrained
-    first epoch above a trained, over-confident model. `max_epochs` bounds it all.
+    broken by the lowest validation loss, each by more than 1e-3; models without an
+    accuracy metric, by loss alone). On a validation split of 10-40 series the loss
+    alone can rank an untrained first epoch above a trained, over-confident model.
+    `max_epochs` bounds it all.
 
     Args:
         num_train: int >= 1, the rows the model trains on (after the validation split).
@@ -78,7 +79,7 @@ def small_data_settings(
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.5, patience=max(2, patience // 4), min_lr=1e-5
         ),
-        BestEpoch(patience=patience),
+        BestEpoch(patience=patience, min_delta=1e-3),
     ]
     return {"batch_size": batch_size, "epochs": max_epochs, "callbacks": callbacks}
 

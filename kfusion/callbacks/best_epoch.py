@@ -26,7 +26,9 @@ class BestEpoch(keras.callbacks.Callback):
     follows the name, as keras' `mode="auto"` does: names with `acc`, `auc`,
     `precision`, `recall`, `f1` or `iou` are maximised, all others minimised. Values
     missing from the epoch logs are skipped (a regression model has no accuracy: its
-    epochs are ranked by loss alone); at least one must be there.
+    epochs are ranked by loss alone); at least one must be there. A value counts as
+    better only when it beats the best by more than `min_delta`; closer than that it is a
+    tie, and the next value decides.
 
     Training stops after `patience` epochs without a better epoch, and at the end of
     training (stopped or not) the model gets the best epoch's weights back.
@@ -36,6 +38,7 @@ class BestEpoch(keras.callbacks.Callback):
             `("val_accuracy", "val_loss")`.
         patience: int >= 1, epochs without a better epoch before training stops.
             Defaults to 40.
+        min_delta: float >= 0, the least change that counts as better. Defaults to 0.
         restore_best_weights: bool, whether to set the best epoch's weights at the end
             of training. Defaults to True.
         verbose: bool, whether to print when training stops or weights are restored.
@@ -66,6 +69,7 @@ class BestEpoch(keras.callbacks.Callback):
         self,
         monitor=("val_accuracy", "val_loss"),
         patience=40,
+        min_delta=0.0,
         restore_best_weights=True,
         verbose=False,
     ):
@@ -82,6 +86,13 @@ class BestEpoch(keras.callbacks.Callback):
             )
         self.monitor = tuple(keys)
         self.patience = _checks.check_int("patience", patience)
+        if (
+            isinstance(min_delta, bool)
+            or not isinstance(min_delta, (int, float))
+            or not 0.0 <= min_delta < math.inf
+        ):
+            raise ValueError(f"`min_delta` must be a float >= 0. Received: min_delta={min_delta!r}")
+        self.min_delta = float(min_delta)
         self.restore_best_weights = _checks.check_bool("restore_best_weights", restore_best_weights)
         self.verbose = _checks.check_bool("verbose", bool(verbose))
 
@@ -92,9 +103,19 @@ class BestEpoch(keras.callbacks.Callback):
         self.stopped_epoch = 0
         self._wait = 0
 
-    def _rank(self, values):
-        """A tuple that sorts better epochs first (lower is better)."""
-        return tuple(-v if _higher_is_better(k) else v for k, v in values.items())
+    def _better(self, values):
+        """Whether `values` rank above the best so far (lexicographic, with min_delta)."""
+        if self.best is None:
+            return True
+        for key, value in values.items():
+            change = value - self.best[key]
+            if not _higher_is_better(key):
+                change = -change
+            if change > self.min_delta:
+                return True
+            if change < -self.min_delta or change != change:  # worse, or inf - inf
+                return False
+        return False
 
     def _values(self, logs):
         values = {}
@@ -121,7 +142,7 @@ class BestEpoch(keras.callbacks.Callback):
                 f"{sorted(values)} in epoch {epoch}'s: the monitored values must be logged "
                 "every epoch."
             )
-        if self.best is None or self._rank(values) < self._rank(self.best):
+        if self._better(values):
             self.best, self.best_epoch, self._wait = values, epoch, 0
             if self.restore_best_weights:
                 self.best_weights = self.model.get_weights()
@@ -143,6 +164,7 @@ class BestEpoch(keras.callbacks.Callback):
         return {
             "monitor": list(self.monitor),
             "patience": self.patience,
+            "min_delta": self.min_delta,
             "restore_best_weights": self.restore_best_weights,
             "verbose": self.verbose,
         }

@@ -100,3 +100,15 @@ def test_in_fit_it_restores_the_weights_of_the_best_epoch():
     restored = model.evaluate(x[72:], y[72:], verbose=0, return_dict=True)
     assert restored["loss"] == pytest.approx(loss[expected], rel=1e-4)
     assert restored["accuracy"] == pytest.approx(acc[expected])
+
+
+def test_changes_within_min_delta_are_ties_and_do_not_reset_patience():
+    # A loss creeping down by 1e-4 an epoch at full accuracy is no real progress.
+    logs = [{"val_accuracy": 1.0, "val_loss": 0.01 - 1e-4 * i} for i in range(10)]
+    creeping = kf.callbacks.BestEpoch(patience=3, min_delta=1e-3)
+    model, last = replay(creeping, logs)
+    assert creeping.best_epoch == 0 and last == 3 and model.weights_value == 0
+    every_step, _ = replay(kf.callbacks.BestEpoch(patience=3), logs)  # min_delta=0
+    assert every_step.weights_value == 9
+    with pytest.raises(ValueError, match="min_delta="):
+        kf.callbacks.BestEpoch(min_delta=-1.0)
