@@ -8,7 +8,13 @@ import kfusion as kf
 from kfusion.branches import FCN
 from tests import helpers
 from tests.branches import branch_checks
-from tests.branches.branch_checks import VOCAB
+from tests.branches.branch_checks import (
+    VOCAB,
+    check_right_padding_under_a_mask,
+    np_batch_norm,
+    np_conv1d_same,
+    randomize,
+)
 from tests.conftest import requires_tensorflow
 
 SMALL = {"filters": (6, 8, 5), "kernel_sizes": (5, 3, 3)}
@@ -20,29 +26,6 @@ def make(kind="sequence", **kwargs):
         kwargs.setdefault("vocab_size", VOCAB)
         kwargs.setdefault("embedding_dim", 4)
     return FCN(**kwargs)
-
-
-def randomize(branch, seed=0):
-    """Random weights and batch-norm statistics (fresh ones are an identity map)."""
-    branch_checks.randomize_weights(branch, seed=seed, scale=0.4)
-    rng = np.random.default_rng(seed + 1)
-    for layer in branch._flatten_layers():
-        if isinstance(layer, keras.layers.BatchNormalization):
-            size = tuple(layer.moving_mean.shape)
-            layer.moving_mean.assign(0.3 * rng.normal(size=size))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=size))
-
-
-def np_conv1d_same(x, kernel, bias):
-    k, steps = kernel.shape[0], x.shape[1]
-    left = (k - 1) // 2  # keras "same": the extra step of an even window on the right
-    padded = np.pad(x, ((0, 0), (left, k - 1 - left), (0, 0)))
-    return sum(padded[:, j : j + steps] @ kernel[j] for j in range(k)) + bias
-
-
-def np_batch_norm(x, layer):
-    gamma, beta, mean, variance = layer.get_weights()
-    return (x - mean) / np.sqrt(variance + layer.epsilon) * gamma + beta
 
 
 # ----------------------------------------------------------------------------- config, shapes
@@ -106,32 +89,6 @@ def test_matches_numpy_formula(seq):
 
 
 # ----------------------------------------------------------------------------- padding, masks
-def check_right_padding_under_a_mask(branch, rng, features=3, atol=1e-5):
-    """Masking -> branch: 16 zero steps after every row, or rows of uneven lengths in one
-    batch, change no output in inference mode (max abs difference <= atol).
-
-    Also used by the ResNet and InceptionTime tests.
-    """
-    inputs = keras.Input((None, features))
-    model = keras.Model(inputs, branch(keras.layers.Masking(0.0)(inputs)))
-    randomize(branch)
-    x = rng.normal(size=(4, 12, features)).astype("float32")
-    padded = np.concatenate([x, np.zeros((4, 16, features), "float32")], axis=1)
-    expected = helpers.as_numpy(model(x, training=False))
-    got = helpers.as_numpy(model(padded, training=False))
-    if branch.pooling is None:
-        assert np.all(got[:, 12:] == 0.0)
-        got = got[:, :12]
-    assert np.max(np.abs(got - expected)) <= atol
-    lengths = [12, 7, 3, 1]
-    uneven = np.where(np.arange(28)[None, :, None] < np.array(lengths)[:, None, None], padded, 0)
-    got = helpers.as_numpy(model(uneven.astype("float32"), training=False))
-    for i, length in enumerate(lengths):
-        alone = helpers.as_numpy(model(x[i : i + 1, :length], training=False))[0]
-        row = got[i, :length] if branch.pooling is None else got[i]
-        assert np.max(np.abs(row - alone)) <= atol, (i, length)
-
-
 @pytest.mark.parametrize("pooling", ["mean", "max", "last", None])
 def test_right_padding_under_a_mask_changes_no_output(rng, pooling):
     check_right_padding_under_a_mask(make(pooling=pooling), rng)

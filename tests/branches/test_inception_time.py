@@ -8,8 +8,7 @@ import kfusion as kf
 from kfusion.branches import InceptionTime
 from tests import helpers
 from tests.branches import branch_checks
-from tests.branches.branch_checks import VOCAB
-from tests.branches.test_fcn import check_right_padding_under_a_mask, randomize
+from tests.branches.branch_checks import VOCAB, check_right_padding_under_a_mask, randomize
 from tests.conftest import requires_tensorflow
 
 SMALL = {"depth": 3, "filters": 2, "kernel_sizes": (7, 5, 3), "bottleneck_size": 3}

@@ -8,8 +8,13 @@ import kfusion as kf
 from kfusion.branches import ResNet
 from tests import helpers
 from tests.branches import branch_checks
-from tests.branches.branch_checks import VOCAB
-from tests.branches.test_fcn import check_right_padding_under_a_mask, np_conv1d_same, randomize
+from tests.branches.branch_checks import (
+    VOCAB,
+    check_right_padding_under_a_mask,
+    np_batch_norm,
+    np_conv1d_same,
+    randomize,
+)
 from tests.conftest import requires_tensorflow
 
 SMALL = {"filters": (4, 6, 6), "kernel_sizes": (5, 3, 3)}
@@ -21,11 +26,6 @@ def make(kind="sequence", **kwargs):
         kwargs.setdefault("vocab_size", VOCAB)
         kwargs.setdefault("embedding_dim", 4)
     return ResNet(**kwargs)
-
-
-def np_batch_norm(x, layer):
-    gamma, beta, mean, variance = layer.get_weights()
-    return (x - mean) / np.sqrt(variance + layer.epsilon) * gamma + beta
 
 
 # ----------------------------------------------------------------------------- config, shapes
