@@ -32,7 +32,7 @@ mask), then the optional `output_dim` projection (per token when pooling is None
 import keras
 from keras import ops
 
-from kfusion import _checks
+from kfusion import _checks, _quantization
 from kfusion.layers import _utils
 
 KINDS = ("tokens", "vectors", "sequence", "image")
@@ -227,13 +227,15 @@ class BaseBranch(keras.layers.Layer):
         return shape
 
     def get_config(self):
-        return {
+        config = {
             **super().get_config(),
             "pooling": self.pooling,
             "output_dim": self.output_dim,
             "vocab_size": self.vocab_size,
             "embedding_dim": self.embedding_dim,
         }
+        # Quantized sub-layers (model.quantize) are rebuilt quantized when loaded.
+        return _quantization.with_quantized_sublayers(self, config)
 
     # ------------------------------------------------------------------- pooling
     def _pool(self, x, mask):

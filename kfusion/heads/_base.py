@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kfusion import _checks
+from kfusion import _checks, _quantization
 
 
 class BaseHead(keras.layers.Layer):
@@ -49,7 +49,9 @@ class BaseHead(keras.layers.Layer):
             keras.layers.Dropout(self.dropout, dtype=self.dtype_policy, name=f"dropout_{i}")
             for i in range(max(1, len(self.hidden_units)))
         ]
-        self.output_layer = keras.layers.Dense(output_units, dtype="float32", name="output")
+        self.output_layer = keras.layers.Dense(
+            output_units, dtype=_quantization.float32_policy(self.dtype_policy), name="output"
+        )
         if not self.trainable:
             # Sub-layers made after `Layer.__init__` do not inherit `trainable=False`;
             # the setter is called directly because `self.trainable = False` is a no-op
@@ -140,11 +142,13 @@ class BaseHead(keras.layers.Layer):
         return None
 
     def get_config(self):
-        return {
+        config = {
             **super().get_config(),
             "hidden_units": list(self.hidden_units),
             "dropout": self.dropout,
         }
+        # Quantized sub-layers (model.quantize) are rebuilt quantized when loaded.
+        return _quantization.with_quantized_sublayers(self, config)
 
 
 def check_unit_interval(y, name, head):

@@ -2,6 +2,7 @@
 
 import keras
 
+from kfusion import _quantization
 from kfusion.layers import _utils
 
 
@@ -14,6 +15,10 @@ class WeightedFusionBase(keras.layers.Layer):
 
     def _output_width(self, shapes):
         return self.units
+
+    def get_config(self):
+        # Quantized sub-layers (model.quantize) are rebuilt quantized when loaded.
+        return _quantization.with_quantized_sublayers(self, super().get_config())
 
     def _weights_shape(self, batch, num_branches):
         return (batch, num_branches)

@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from kfusion import _checks
+from kfusion import _checks, _quantization
 from kfusion.layers import _utils
 
 
@@ -86,9 +86,10 @@ class ConcatFusion(keras.layers.Layer):
         return None
 
     def get_config(self):
-        return {
+        config = {
             **super().get_config(),
             "units": self.units,
             "activation": _checks.serialize_activation(self.activation),
             "dropout": self.dropout,
         }
+        return _quantization.with_quantized_sublayers(self, config)

@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from kfusion import _checks
+from kfusion import _checks, _quantization
 from kfusion.layers import _utils
 
 # Masked attention logits are replaced by this before the (float32) softmax: exp() of it
@@ -221,10 +221,11 @@ class CrossAttentionFusion(keras.layers.Layer):
         return None
 
     def get_config(self):
-        return {
+        config = {
             **super().get_config(),
             "dim": self.dim,
             "num_heads": self.num_heads,
             "key_dim": self.key_dim,
             "dropout": self.dropout,
         }
+        return _quantization.with_quantized_sublayers(self, config)

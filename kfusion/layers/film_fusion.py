@@ -3,7 +3,7 @@ import numbers
 import keras
 from keras import ops
 
-from kfusion import _checks
+from kfusion import _checks, _quantization
 from kfusion.layers import _utils
 
 
@@ -145,8 +145,9 @@ class FiLMFusion(keras.layers.Layer):
         return _utils.flatten_masks(mask, 2)[h_index]
 
     def get_config(self):
-        return {
+        config = {
             **super().get_config(),
             "condition": self.condition,
             "activation": _checks.serialize_activation(self.activation),
         }
+        return _quantization.with_quantized_sublayers(self, config)

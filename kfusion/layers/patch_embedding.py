@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from kfusion import _checks
+from kfusion import _checks, _quantization
 from kfusion.layers import _utils
 
 
@@ -98,8 +98,9 @@ class PatchEmbedding(keras.layers.Layer):
         return None
 
     def get_config(self):
-        return {
+        config = {
             **super().get_config(),
             "patch_size": self.patch_size,
             "dim": self.dim,
         }
+        return _quantization.with_quantized_sublayers(self, config)

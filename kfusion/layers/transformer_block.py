@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from kfusion import _checks
+from kfusion import _checks, _quantization
 from kfusion.layers import _utils
 
 
@@ -224,7 +224,7 @@ class TransformerBlock(keras.layers.Layer):
         return mask
 
     def get_config(self):
-        return {
+        config = {
             **super().get_config(),
             "num_heads": self.num_heads,
             "intermediate_dim": self.intermediate_dim,
@@ -234,3 +234,4 @@ class TransformerBlock(keras.layers.Layer):
             "norm_first": self.norm_first,
             "layer_norm_epsilon": self.layer_norm_epsilon,
         }
+        return _quantization.with_quantized_sublayers(self, config)

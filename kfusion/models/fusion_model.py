@@ -1,11 +1,12 @@
 import math
 import numbers
 import re
+import warnings
 
 import keras
 import numpy as np
 
-from kfusion import _checks
+from kfusion import _checks, _quantization
 from kfusion.branches._base import is_integer_dtype
 from kfusion.export import check_signature_name
 from kfusion.layers.branch_dropout import BranchDropout
@@ -689,6 +690,28 @@ class FusionModel(keras.Model):
         if verbose is None or verbose:
             print(f"Saved artifact at '{result}'.")
         return result
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """`keras.Model.quantize`, without a warning for every layer it leaves float.
+
+        keras quantizes the layers that have its quantization hooks (Dense, EinsumDense,
+        Embedding: the fusion layers' projections and gates, the Transformer blocks'
+        attention and feed-forward layers, token embeddings, the heads), including
+        those inside kfusion layers, and warns once for each other layer (InputLayer,
+        Conv1D, LSTM cells, normalisation, dropout...), which simply stays float. The
+        quantized model saves to `.keras`, loads with `safe_mode=True` and exports.
+        Python's garbage collector runs once at the end, not once per quantized layer
+        as keras has it (most of the time quantization took).
+
+        Args:
+            mode: `"int8"`, `"int4"`, `"float8"`, or another keras mode.
+            config: a keras `QuantizationConfig`, or None.
+            filters: which layers to quantize, as in `keras.Model.quantize`.
+            **kwargs: other `keras.Model.quantize` arguments.
+        """
+        with warnings.catch_warnings(), _quantization.one_garbage_collection():
+            warnings.filterwarnings("ignore", message=r".*does not have a `quantize` method")
+            return super().quantize(mode, config=config, filters=filters, **kwargs)
 
     def branch_features(self):
         """A `keras.Model` from the inputs to the list of branch features (pre-fusion).
