@@ -44,10 +44,12 @@ be told, and what to do.
 
 import contextlib
 import json
+import logging
 import numbers
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -389,6 +391,40 @@ def _require_tensorflow(fmt):
 
 
 @contextlib.contextmanager
+def _native_output_captured():
+    """Sends what native code prints (converter and interpreter logs) to a scratch file.
+
+    The TFLite converter and interpreter, and TensorFlow's graph passes, write to the
+    process's stdout / stderr from C++ ("Created TensorFlow Lite XNNPACK delegate",
+    "fully_quantize: 0, ..."), where Python's warning filters and loggers don't reach.
+    File descriptors 1 and 2 point at a temporary file meanwhile; the text is dropped
+    (a failure is reported as one `ExportError` line instead).
+    """
+    streams = [s for s in (sys.stdout, sys.stderr) if s is not None]
+    for stream in streams:
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no file descriptors to redirect (an embedded interpreter)
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            for stream in streams:
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+@contextlib.contextmanager
 def _quiet():
     """Keeps keras' and the converters' notices off the console during an export."""
     with warnings.catch_warnings():
@@ -397,8 +433,13 @@ def _quiet():
 
 
 def _copy(model):
-    """A new model with `model`'s architecture and weights (quantizing leaves `model`)."""
+    """A new model with `model`'s architecture and weights (quantizing leaves `model`).
+
+    Not compiled: the optimizer's state belongs to the float weights (and a quantized
+    model does not train); `compile` the copy to evaluate it.
+    """
     config = keras.saving.serialize_keras_object(model)
+    config.pop("compile_config", None)
     clone = keras.saving.deserialize_keras_object(config)
     clone.set_weights(model.get_weights())
     return clone
@@ -406,8 +447,11 @@ def _copy(model):
 
 def _keras_quantized(model, mode):
     """A copy of `model` quantized by keras (`"int8"`, `"int4"`, `"float8"`)."""
+    from kfusion import _quantization
+
     clone = _copy(model)
-    with _quiet():  # "Layer Conv1D does not have a `quantize` method implemented": kept float
+    # Quiet: "Layer Conv1D does not have a `quantize` method implemented" (kept float).
+    with _quiet(), _quantization.one_garbage_collection():
         clone.quantize(mode)
     return clone
 
@@ -486,8 +530,13 @@ def _onnx_quantize_dynamic(source, target):
             "format='onnx' with quantize='dynamic' needs onnxruntime (`pip install "
             "onnxruntime`, or kfusion[all])."
         ) from e
-    with _quiet():
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "Please consider to run pre-processing..." (root logger)
+    try:
+        with _quiet():
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(previous)
 
 
 def _onnx_run(session, probe, model):
@@ -999,7 +1048,8 @@ def export(
     try:
         tmp = os.path.join(tmp_dir, base if fmt == "saved_model" else "export" + _SUFFIX[fmt])
         try:
-            got = _WRITERS[fmt](model, tmp, probe, atol, rtol, **options)
+            with _native_output_captured():
+                got = _WRITERS[fmt](model, tmp, probe, atol, rtol, **options)
         except (ExportError, OSError):
             raise
         except Exception as e:  # noqa: BLE001 - converters raise anything; one line for it
