@@ -653,6 +653,55 @@ class FusionModel(keras.Model):
                 return key
         return cls_name
 
+    # ------------------------------------------------------------------ serving
+    def serve(self, x, jit_compile=True, check=True):
+        """Predictions for one sample or a small batch, from a compiled function.
+
+        The fast path for serving from Python: `predict` builds a data pipeline and runs
+        callbacks for every call (about 70 ms for one sample on two cores, whatever the
+        model), and a plain `model(x)` runs op by op. `serve` traces the model once per
+        batch size into a graph (TensorFlow: `tf.function`, with XLA when `jit_compile`;
+        JAX: `jax.jit`; PyTorch: `torch.inference_mode()`) and calls it directly. See
+        the serving table of `benchmarks/RESULTS.md` for the latencies. For large batches `predict`
+        is as fast and streams the data.
+
+        Args:
+            x: the inputs, as for `predict` (an array, or a dict input name -> array).
+            jit_compile: bool, whether to compile with XLA (TensorFlow, JAX). A model XLA
+                can't compile falls back to the plain graph. Defaults to True.
+            check: bool, whether to check `x` against the model's inputs first (as
+                `predict` does; a few microseconds). Defaults to True.
+
+        Returns:
+            NumPy arrays in the structure of the model's outputs.
+
+        Example:
+
+        >>> import numpy as np, keras
+        >>> import kfusion as kf
+        >>> model = kf.FusionModel(
+        ...     inputs=keras.Input((6,), name="x"),
+        ...     branches=[kf.branches.MLP(units=(8,))],
+        ...     head=kf.heads.Classification(3),
+        ... )
+        >>> model.serve(np.zeros((1, 6), "float32")).shape
+        (1, 3)
+        """
+        jit_compile = _checks.check_bool("jit_compile", jit_compile)
+        check = _checks.check_bool("check", check)
+        if check:
+            self.check_data(x)
+        serving = getattr(self, "_serving_functions", None)
+        if serving is None:
+            # Not a tracked attribute: saving and export never see the compiled functions.
+            serving = {}
+            object.__setattr__(self, "_serving_functions", serving)
+        if jit_compile not in serving:
+            from kfusion import _serving
+
+            serving[jit_compile] = _serving.make_serving_function(self, jit_compile)
+        return serving[jit_compile](x)
+
     # ------------------------------------------------------------------- export
     def export(
         self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs
