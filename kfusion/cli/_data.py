@@ -5,6 +5,17 @@ import os
 from kfusion.cli._common import UserError
 
 
+def read_npz(path):
+    """The arrays of a .npz file, name -> array (no pickles); a UserError if unreadable."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
 def load_data(path, input_specs, label):
     """`(x, y)` from a .npz or .csv file; `input_specs` are the model's (name, shape)."""
     import numpy as np
@@ -13,11 +24,7 @@ def load_data(path, input_specs, label):
         raise UserError(f"data file not found: {path}")
     inputs = {s["name"]: s for s in input_specs}
     if path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
+        arrays = read_npz(path)
         if label not in arrays:
             raise UserError(f"{path} has no label array {label!r} (arrays: {sorted(arrays)})")
         y = arrays.pop(label)

@@ -3,6 +3,7 @@
 import os
 
 from kfusion.cli._common import UserError, check_writable_dir, load_any, one_line
+from kfusion.cli._data import read_npz
 
 QUANTIZE_CHOICES = ("dynamic", "float16", "int8", "int4", "float8")
 
@@ -18,11 +19,7 @@ def load_inputs(path, input_specs, label="y"):
         raise UserError(f"data file not found: {path}")
     names = [s["name"] for s in input_specs]
     if path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
+        arrays = read_npz(path)
         missing = [n for n in names if n not in arrays]
         if missing:
             raise UserError(f"{path} has no array for input(s) {missing}; arrays: {sorted(arrays)}")
