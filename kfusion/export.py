@@ -774,7 +774,34 @@ def _publish(tmp, path):
 
 
 # Packages whose classes keras itself resolves by module (it refuses any other module).
-_KERAS_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp", "builtins")
+_KERAS_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp")
+# keras resolves a function saved with module "builtins" in these keras modules only.
+_BUILTIN_FUNCTION_MODULES = (
+    "activations",
+    "constraints",
+    "initializers",
+    "losses",
+    "metrics",
+    "optimizers",
+    "regularizers",
+)
+# keras functions that read, write or change state instead of modelling (keras refuses them
+# too, with a vaguer message); and all of `keras.config`.
+_NOT_MODELLING = (
+    "clear_session",
+    "deserialize_keras_object",
+    "enable_unsafe_deserialization",
+    "get_file",
+    "load_img",
+    "load_model",
+    "load_weights",
+    "model_from_json",
+    "register_keras_serializable",
+    "save_img",
+    "save_model",
+    "save_weights",
+    "serialize_keras_object",
+)
 
 
 def _read_keras_config(path):
@@ -787,8 +814,49 @@ def _read_keras_config(path):
         ) from None
 
 
+def _is_builtin_function(node):
+    """A keras function saved by name (module "builtins"), as keras resolves it."""
+    name = node.get("config")
+    return (
+        node.get("class_name") == "function"
+        and isinstance(name, str)
+        and any(hasattr(getattr(keras, m), name) for m in _BUILTIN_FUNCTION_MODULES)
+    )
+
+
+def _refused_object(node):
+    """Why loading must not resolve this serialized object, or None."""
+    module = str(node.get("module") or "")
+    name = node["class_name"]
+    if name == "function" and isinstance(node.get("config"), str):
+        name = node["config"]
+    if module == "builtins" and not _is_builtin_function(node):
+        return f"{name!r} (module 'builtins': not a keras function)"
+    if module.split(".", 1)[0] in _KERAS_PACKAGES and (
+        module == "keras.config" or module.startswith("keras.config.") or name in _NOT_MODELLING
+    ):
+        return f"{module}.{name} (not a modelling object)"
+    config = node.get("config")
+    if (
+        node.get("registered_name") == "kfusion>Backbone"
+        and isinstance(config, dict)
+        and config.get("weights") is not None
+    ):
+        # kfusion saves a Backbone's weights in the archive and records weights=None.
+        return (
+            f"Backbone {config.get('name')!r} with weights={config['weights']!r} (a download "
+            "or a file the config names; a loaded Backbone's weights come from the archive)"
+        )
+    return None
+
+
 def _unknown_classes(config):
-    """Serialized objects in `config` whose class neither keras nor a registration knows."""
+    """Serialized objects in `config` that loading must not resolve.
+
+    Classes neither keras nor a registration knows, `builtins` names that are not keras
+    functions, keras' non-modelling functions (`keras.config`, `get_file`, ...), and a
+    Backbone whose config names weights to download or read.
+    """
     known = keras.saving.get_custom_objects()
     found, stack = [], [config]
     while stack:
@@ -801,9 +869,13 @@ def _unknown_classes(config):
         stack.extend(node.values())
         if "class_name" not in node or "module" not in node:
             continue
+        refused = _refused_object(node)
+        if refused is not None:
+            found.append(refused)
+            continue
         name = node.get("registered_name") or node["class_name"]
         module = str(node.get("module") or "")
-        if name in known or module.split(".", 1)[0] in _KERAS_PACKAGES:
+        if name in known or module.split(".", 1)[0] in _KERAS_PACKAGES + ("builtins",):
             continue
         found.append(f"{node['class_name']!r} (module {module!r}, registered name {name!r})")
     return sorted(set(found))
@@ -827,9 +899,11 @@ def load(path):
         The model (a `FusionModel`, an ensemble, any keras model).
 
     Raises:
-        ValueError: when the file is not a `.keras` archive, or names classes that are
-            not registered (nothing from the file is run), or when keras' safe mode
-            refuses it (e.g. a `Lambda` layer holding Python code).
+        ValueError: when the file is not a `.keras` archive or is damaged, or names
+            classes that are not registered, functions that are not modelling ones
+            (`keras.config`, `get_file`, Python builtins) or a Backbone whose config names
+            weights to download or read (nothing from the file is run or fetched), or
+            when keras' safe mode refuses it (e.g. a `Lambda` layer holding Python code).
 
     Example:
 
@@ -849,12 +923,15 @@ def load(path):
     unknown = _unknown_classes(_read_keras_config(path))
     if unknown:
         raise ValueError(
-            f"{path!r} names classes that are neither keras nor registered (kfusion "
-            f"registers its own): {', '.join(unknown)}. Nothing was loaded. Import the "
-            "package that defines them (with `@keras.saving.register_keras_serializable`) "
-            "if you trust the file."
+            f"{path!r} names what loading refuses: {', '.join(unknown)}. Nothing was "
+            "loaded. Classes must be keras or registered ones (import the package that "
+            "defines yours, with `@keras.saving.register_keras_serializable`, if you trust "
+            "the file); functions, modelling ones; weights, those in the archive."
         )
-    return keras.saving.load_model(path, safe_mode=True)
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except (zipfile.BadZipFile, EOFError) as e:  # e.g. a bit flipped in the weights
+        raise ValueError(f"{path!r} is damaged and could not be loaded: {e}") from None
 
 
 def _check_destination(path, fmt):
@@ -883,6 +960,37 @@ def _check_destination(path, fmt):
             f"{path!r} is a folder; format={fmt!r} writes a file. Choose a file path such as "
             f"{os.path.join(path, 'model' + _SUFFIX[fmt])!r}."
         )
+
+
+def _process_is_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process
+    return True
+
+
+def _remove_stale_temporaries(parent, base):
+    """Removes the `.BASE.tmp-PID-XXXX/` folders that exports killed midway left in `parent`.
+
+    A folder is stale when the process named in it no longer runs (an export running now,
+    in another process, keeps its folder); a folder without a process id predates them.
+    """
+    prefix = f".{base}.tmp-"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        folder = os.path.join(parent, name)
+        if not name.startswith(prefix) or not os.path.isdir(folder) or os.path.islink(folder):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _process_is_running(int(pid))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # Default tolerance of the check, by quantization mode: the reloaded export against the
@@ -1044,7 +1152,8 @@ def export(
         if v is not None
     }
     base = os.path.basename(path)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    _remove_stale_temporaries(parent, base)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=parent)
     try:
         tmp = os.path.join(tmp_dir, base if fmt == "saved_model" else "export" + _SUFFIX[fmt])
         try:

@@ -351,6 +351,14 @@ class Backbone(BaseBranch):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        if config.get("weights") is not None:
+            # `get_config` always records None: the weights are in the saved model. A
+            # config naming any (a download, a file) was not written by kfusion.
+            raise ValueError(
+                "A Backbone loaded from a config gets its weights from the saved model only; "
+                "it never downloads them or reads a file the config names. Refused: "
+                f"weights={config['weights']!r}"
+            )
         if isinstance(config.get("model"), dict):
             # `deserialize_keras_object` consumes the dict it reads: give it a copy.
             model_config = copy.deepcopy(config["model"])

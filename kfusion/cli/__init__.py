@@ -2,17 +2,16 @@
 
 Errors a user can fix (a missing file, a malformed spec, data that does not match) print one
 line on stderr and exit with code 2, with no traceback and nothing half-written at the
-destination.
+destination. The command checks its arguments, paths and spec before Keras and TensorFlow
+load (`kfusion._startup`), so such errors are answered at once, and TensorFlow's start-up
+log stays quiet unless `TF_CPP_MIN_LOG_LEVEL` says otherwise.
 """
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from kfusion.cli import demo, export, inspect, train  # noqa: E402
-from kfusion.cli._common import EXIT_USAGE, UserError  # noqa: E402
+from kfusion.cli import demo, export, inspect, train
+from kfusion.cli._common import EXIT_USAGE, UserError
 
 COMMANDS = (demo, train, inspect, export)
 

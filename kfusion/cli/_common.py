@@ -4,6 +4,8 @@ import json
 import os
 import tempfile
 
+from kfusion._startup import import_keras
+
 EXIT_USAGE = 2
 
 
@@ -32,12 +34,20 @@ def check_writable_dir(path):
         raise UserError(f"cannot write to output folder {path!r}: {e.strerror or e}") from None
 
 
+def give_normal_mode(path):
+    """The mode a new file gets under the user's umask (`mkstemp` makes files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_json(data, path):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
+        give_normal_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,8 +56,13 @@ def atomic_json(data, path):
 
 
 def load_any(path):
+    """`(model, "keras" | "saved_model")` from a path; the path is checked before Keras loads."""
     if not os.path.exists(path):
         raise UserError(f"model not found: {path}")
+    is_saved_model = os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb"))
+    if not path.endswith(".keras") and not is_saved_model:
+        raise UserError(f"{path} is neither a .keras file nor a SavedModel folder")
+    import_keras()
     if path.endswith(".keras"):
         from kfusion import export as kexport
 
@@ -55,11 +70,9 @@ def load_any(path):
             return kexport.load(path), "keras"
         except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say so in one line
             raise UserError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
-        import tensorflow as tf
+    import tensorflow as tf
 
-        try:
-            return tf.saved_model.load(path), "saved_model"
-        except Exception as e:  # noqa: BLE001 - a damaged SavedModel: say so in one line
-            raise UserError(f"cannot load {path}: {one_line(e)}") from None
-    raise UserError(f"{path} is neither a .keras file nor a SavedModel folder")
+    try:
+        return tf.saved_model.load(path), "saved_model"
+    except Exception as e:  # noqa: BLE001 - a damaged SavedModel: say so in one line
+        raise UserError(f"cannot load {path}: {one_line(e)}") from None

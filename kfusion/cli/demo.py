@@ -5,7 +5,14 @@ import sys
 import tempfile
 import time
 
-from kfusion.cli._common import UserError, atomic_json, check_writable_dir, say
+from kfusion._startup import import_keras
+from kfusion.cli._common import (
+    UserError,
+    atomic_json,
+    check_writable_dir,
+    give_normal_mode,
+    say,
+)
 
 DEMO_MODELS = ("cnn", "rnn", "transformer")
 DEMO_FUSIONS = ("concat", "attention", "gated")
@@ -74,6 +81,7 @@ def _plot_curves(histories, path):
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=90)
+        give_normal_mode(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -112,13 +120,6 @@ def _verify_in_fresh_process(saved_model_dir, x, expected):
 
 def run(args):
     """Trains single-branch and fused models on digits and compares them."""
-    import keras
-    import numpy as np
-
-    from kfusion import export as kexport
-    from kfusion import inspect as kinspect
-    from kfusion.datasets import digits, train_validation_split
-
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
     if args.seeds < 1:
@@ -132,6 +133,13 @@ def run(args):
             )
     out = os.path.abspath(args.out)
     check_writable_dir(out)
+
+    keras = import_keras()  # only now: a bad argument is answered before Keras loads
+    import numpy as np
+
+    from kfusion import export as kexport
+    from kfusion import inspect as kinspect
+    from kfusion.datasets import digits, train_validation_split
 
     x, y = digits(image=False)
     split = int(0.8 * len(y))

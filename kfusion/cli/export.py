@@ -45,9 +45,9 @@ def load_inputs(path, input_specs, label="y"):
 
 def run(args):
     """Exports a .keras model to saved_model, onnx, litert or keras."""
+    model, kind = load_any(args.model)  # checks the path before Keras loads
     from kfusion import export as kexport
 
-    model, kind = load_any(args.model)
     if kind != "keras":
         raise UserError("export reads a .keras model file")
     if args.quantize == "int8" and args.format == "litert" and args.data is None:

@@ -130,6 +130,8 @@ def spec_to_kwargs(spec):
         raise ValueError(f"`inputs` must map input names to {{shape, dtype}}. Got {inputs!r}")
     input_map, mask_values, normalizers = {}, {}, {}
     for name, value in inputs.items():
+        if not isinstance(name, str) or not name:  # keras would rename "" to its own name
+            raise ValueError(f"Input names must be non-empty strings. Received: {name!r}")
         if not isinstance(value, dict) or "shape" not in value:
             raise ValueError(f"Input {name!r} needs a 'shape'. Received: {value!r}")
         check_keys(value, INPUT_KEYS, f"input {name!r}")

@@ -12,7 +12,7 @@ from kfusion.export import check_signature_name
 from kfusion.layers.branch_dropout import BranchDropout
 from kfusion.layers.input_normalization import MODES as NORMALIZE_MODES
 from kfusion.layers.input_normalization import InputNormalization
-from kfusion.models import _factory, _spec
+from kfusion.models import _factory, _guards, _spec
 
 FEATURE_NORMS = (None, "layer")
 
@@ -265,6 +265,8 @@ class FusionModel(keras.Model):
             for branch in items:
                 if hasattr(branch, "check_input"):
                     branch.check_input(tensor.shape, tensor.dtype, input_name=input_name)
+                width = 1 if is_integer_dtype(tensor.dtype) else tensor.shape[-1]
+                _guards.check_size(branch, width, f"branch {branch.name!r} (input {input_name!r})")
         _check_shared_branches(branch_map, input_map)
 
         # === Functional graph ===
@@ -289,9 +291,13 @@ class FusionModel(keras.Model):
                     keras.layers.LayerNormalization(name=f"{owner}_feature_norm")(f)
                     for f, owner in zip(features, owners)
                 ]
+            _guards.check_size(fusion_layer, sum(int(f.shape[-1]) for f in features), "fusion")
             if branch_dropout > 0.0:
                 features = BranchDropout(branch_dropout, name="branch_dropout")(features)
             fused = _call_fusion(fusion_layer, features, fusion)
+        if head is not None:  # MultiTask: each task's head too
+            for part in (head, *getattr(head, "heads", {}).values()):
+                _guards.check_size(part, fused.shape[-1], f"head {part.name!r}")
         if head is None:
             outputs = fused
         elif hasattr(head, "heads") and isinstance(head.heads, dict):
@@ -597,8 +603,9 @@ class FusionModel(keras.Model):
             keras.saving.deserialize_keras_object(c, custom_objects=custom_objects)
             for c in config.pop("branch_layers")
         ]
-        by_name = {layer.name: layer for layer in layers}
         branches = config.pop("branches")
+        names = sum(branches.values(), []) if isinstance(branches, dict) else branches
+        by_name = _guards.branches_by_name(layers, names)
         if isinstance(branches, dict):
             branches = {k: [by_name[n] for n in v] for k, v in branches.items()}
         else:

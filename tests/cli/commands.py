@@ -10,15 +10,17 @@ import numpy as np
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow", PYTHONUNBUFFERED="1")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The environment of a user who set no TensorFlow log level.
+QUIET_ENV = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
 
 
-def run_command(*args, timeout=600):
+def run_command(*args, timeout=600, env=ENV):
     """Runs `python -m kfusion ARGS` in a new process."""
     return subprocess.run(
         [sys.executable, "-m", "kfusion", *map(str, args)],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=env,
         cwd=ROOT,
         timeout=timeout,
     )

@@ -1,6 +1,8 @@
 """`kfusion demo`."""
 
 import json
+import os
+import stat
 
 import keras
 
@@ -24,6 +26,10 @@ def test_demo_tiny_budget(tmp_path):
     assert "branch weights" in result.stdout and "ablation" in result.stdout
     assert "outputs equal" in result.stdout
     report = json.loads((out / "results.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("results.json", "training_curves.png", "best.keras"):  # not mkstemp's 0600
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o666 & ~umask, name
     assert report["best"] == "fused_gated"
     assert set(report["models"]) == {"cnn_only", "rnn_only", "transformer_only", "fused_gated"}
     assert 0.0 <= report["models"]["fused_gated"]["accuracy"] <= 1.0

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 
@@ -12,11 +14,12 @@ import pytest
 import yaml
 
 import kfusion as kf
+from kfusion import export as kexport
 from kfusion.cli.train import _Checkpoint
 from tests.cli.commands import (
     ENV,
+    QUIET_ENV,
     ROOT,
-    SPEC,
     assert_user_error,
     make_data,
     run_command,
@@ -27,13 +30,21 @@ from tests.conftest import requires_tensorflow
 pytestmark = requires_tensorflow  # the command's exports are TensorFlow formats
 
 
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
 def test_train_writes_model_and_metrics(spec_and_data, tmp_path, capsys):
     spec, data = spec_and_data
     out = tmp_path / "run"
-    result = run_command("train", spec, "--data", data, "--out", out)
+    # Without TF_CPP_MIN_LOG_LEVEL set (as a user runs it): none of TensorFlow's start-up log.
+    result = run_command("train", spec, "--data", data, "--out", out, env=QUIET_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not re.search(r"^([IWEF]\d{4} |WARNING: All log messages)", result.stderr, re.M)
+    assert "oneDNN" not in result.stderr and "cuda" not in result.stderr.lower()
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]["loss"]) == 3
+    assert _mode(out / "metrics.json") == _mode(out / "model.keras")  # not mkstemp's 0600
     assert metrics["history"]["loss"][-1] < metrics["history"]["loss"][0]
     assert (out / "model.keras").exists() and (out / "saved_model" / "saved_model.pb").exists()
     assert (out / "checkpoints" / "last.keras").exists()
@@ -53,13 +64,47 @@ def test_train_writes_model_and_metrics(spec_and_data, tmp_path, capsys):
         assert (tmp_path / name).exists()
 
 
-def test_train_resume_after_kill_matches_uninterrupted(tmp_path):
-    spec = dict(SPEC, epochs=8, batch_size=16)
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
-    data = make_data(tmp_path / "data.npz", n=2048)
+RESUME_SPEC = {
+    "inputs": {"signal": {"shape": [12, 3]}, "table": {"shape": [4]}},
+    "branches": {
+        "signal": [{"type": "RNN", "units": 8, "dropout": 0.2, "name": "rnn"}],
+        "table": [{"type": "MLP", "units": [8], "name": "mlp"}],
+    },
+    "fusion": "gated",
+    "branch_dropout": 0.2,
+    "head": {"type": "Classification", "num_classes": 2},
+    "recipe": {"name": "small_data", "max_epochs": 6, "patience": 4},
+    "seed": 7,
+}
 
-    full = run_command("train", spec_path, "--data", data, "--out", tmp_path / "full", "--quiet")
+
+def _train_here(capsys, monkeypatch, *args):
+    """`kfusion train` in this process; its exports replaced by a record of the weights."""
+    exported = {}
+
+    def export(model, path, format, probe):
+        exported[format] = model.get_weights()
+        return str(path)
+
+    monkeypatch.setattr(kexport, "export", export)
+    return run_here(capsys, "train", *args), exported
+
+
+def _state(path):
+    """Weights and optimizer variables of a checkpoint, as NumPy arrays."""
+    model = keras.saving.load_model(path, safe_mode=True)
+    return [np.asarray(v) for v in model.get_weights() + model.optimizer.variables]
+
+
+def test_train_resume_after_kill_is_exact_with_dropout(tmp_path, capsys, monkeypatch):
+    # RNN dropout, branch dropout and the recipe's plateau and early-stopping callbacks:
+    # a run killed in the middle of an epoch and resumed (from a damaged backup, even)
+    # ends with the weights, optimizer state and history of a run never interrupted.
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(RESUME_SPEC))
+    data = make_data(tmp_path / "data.npz", n=640)
+    args = (spec_path, "--data", data, "--quiet")
+    full, full_exports = _train_here(capsys, monkeypatch, *args, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
 
     out = tmp_path / "interrupted"
@@ -74,7 +119,7 @@ def test_train_resume_after_kill_matches_uninterrupted(tmp_path):
     try:
         for line in proc.stdout:
             if line.startswith("epoch 3 done"):
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(signal.SIGKILL)  # in the middle of epoch 4
                 break
         proc.wait(timeout=300)
     finally:
@@ -83,15 +128,34 @@ def test_train_resume_after_kill_matches_uninterrupted(tmp_path):
             proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
     assert not (out / "model.keras").exists()
+    backups = sorted((out / "backup").iterdir())
+    assert len(backups) == 2 and all(b.name.startswith("epoch-") for b in backups)
+    # The newest backup is damaged (a disk error; a kill can't leave one, they are renamed
+    # into place): the resumed run falls back to the one before it.
+    weights = backups[-1] / "model.weights.h5"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    older = int(backups[0].name.split("-")[1])
 
-    resumed = run_command("train", spec_path, "--data", data, "--out", out, "--resume")
+    resumed, resumed_exports = _train_here(capsys, monkeypatch, *args, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "epoch 1 done" not in resumed.stdout  # it continued, it did not start over
-    assert "epoch 8 done" in resumed.stdout
-    a = keras.saving.load_model(tmp_path / "full" / "model.keras", safe_mode=True)
-    b = keras.saving.load_model(out / "model.keras", safe_mode=True)
-    for wa, wb in zip(a.get_weights(), b.get_weights()):
-        np.testing.assert_allclose(wa, wb, atol=1e-6)
+    assert f"resuming after epoch {older} instead" in resumed.stderr
+    for a, b in zip(
+        _state(tmp_path / "full" / "checkpoints" / "last.keras"),
+        _state(out / "checkpoints" / "last.keras"),
+    ):
+        np.testing.assert_array_equal(a, b)
+    for fmt in ("keras", "saved_model"):  # the best epoch's weights, restored at the end
+        for a, b in zip(full_exports[fmt], resumed_exports[fmt]):
+            np.testing.assert_array_equal(a, b)
+    full_metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]["loss"]) == 6 and "learning_rate" in metrics["history"]
+    assert metrics["history"] == full_metrics["history"]  # every epoch, not the resumed ones
+
+    for backup in (out / "backup").iterdir():  # no readable backup left: one line
+        (backup / "model.weights.h5").write_bytes(b"damaged")
+    result = run_here(capsys, "train", *args, "--out", out, "--resume")
+    assert_user_error(result, "cannot resume", "without --resume")
 
 
 def test_train_on_csv(tmp_path):
