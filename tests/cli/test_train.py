@@ -311,3 +311,57 @@ def test_checkpoint_that_fails_to_save_keeps_the_last_one(tmp_path, small_keras_
         checkpoint.on_epoch_end(1)
     assert path.read_bytes() == before
     assert os.listdir(path.parent) == ["last.keras"]
+
+
+def test_backup_keeps_the_recipe_callbacks_state(tmp_path, small_keras_model):
+    # ReduceLROnPlateau and EarlyStopping reset themselves when training begins; a resumed
+    # run gets back their counters, best value and best weights from the backup.
+    from kfusion.cli._backup import Backup
+    from kfusion.cli._backup import callback as backup_callback
+
+    model, _ = small_keras_model
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)  # as after an epoch
+    plateau = keras.callbacks.ReduceLROnPlateau(patience=2)
+    stop = keras.callbacks.EarlyStopping(patience=5, restore_best_weights=True)
+    for callback in (plateau, stop):
+        callback.set_model(model)
+        callback.on_train_begin()
+    plateau.wait, plateau.best, plateau.cooldown_counter = 1, 0.25, 1
+    stop.wait, stop.best, stop.best_epoch = 2, 0.5, 3
+    stop.best_weights = [w + 1 for w in model.get_weights()]
+    backup = Backup(str(tmp_path / "backup"))
+    backup.save(model, 4, {"loss": [1.0, 0.9, 0.8, 0.7]}, [plateau, stop])
+
+    fresh = [keras.callbacks.ReduceLROnPlateau(patience=2), keras.callbacks.EarlyStopping()]
+    state = backup.restore(model)
+    saver = backup_callback(backup, state, fresh)
+    for callback in (*fresh, saver):  # in the order `fit` calls them
+        callback.set_model(model)
+        callback.on_train_begin()
+    assert (fresh[0].wait, fresh[0].best, fresh[0].cooldown_counter) == (1, 0.25, 1)
+    assert (fresh[1].wait, fresh[1].best, fresh[1].best_epoch) == (2, 0.5, 3)
+    for a, b in zip(fresh[1].best_weights, stop.best_weights):
+        np.testing.assert_array_equal(a, b)
+    assert state["epochs_done"] == 4 and saver.history == {"loss": [1.0, 0.9, 0.8, 0.7]}
+
+
+def test_a_diverged_run_is_one_line_and_leaves_no_empty_folder(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "d.npz", x=rng.normal(size=(64, 4)).astype("float32"), y=rng.normal(size=(64, 1))
+    )
+    spec = {
+        "inputs": {"x": {"shape": [4]}},
+        "branches": [{"type": "MLP", "units": [8]}],
+        "head": {"type": "Regression"},
+        "learning_rate": 1e30,
+        "epochs": 2,
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "run"
+    result = run_here(
+        capsys, "train", tmp_path / "spec.yaml", "--data", tmp_path / "d.npz", "--out", out
+    )
+    assert_user_error(result, "training diverged")
+    assert not out.exists()  # no empty OUT/ nor OUT/checkpoints/
