@@ -368,9 +368,9 @@ def test_numpy_loads_in_kfusion_refuse_pickles():
         if "np.load(" in path.read_text(encoding="utf-8")
     ]
     # reading --data, for train and for export's quantization alike (the scan above checks
-    # allow_pickle=False), and the script the demo runs in a fresh process to reload its
-    # own arrays
-    assert sorted(uses) == ["cli/_data.py", "cli/demo.py"]
+    # allow_pickle=False), the resume backup's random-generator states, and the script the
+    # demo runs in a fresh process to reload its own arrays
+    assert sorted(uses) == ["cli/_backup.py", "cli/_data.py", "cli/demo.py"]
 
 
 # ---------------------------------------------------------------------- atomic exports

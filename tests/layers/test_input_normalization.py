@@ -93,9 +93,7 @@ def test_mixed_precision_computes_in_float32(sequences, policy):
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
     assert all(keras.backend.standardize_dtype(v.dtype) == "float32" for v in layer.weights)
     keras.config.set_dtype_policy("float32")
-    np.testing.assert_allclose(
-        helpers.as_numpy(out), helpers.as_numpy(layer(sequences)), rtol=1e-6
-    )
+    np.testing.assert_allclose(helpers.as_numpy(out), helpers.as_numpy(layer(sequences)), rtol=1e-6)
 
 
 def test_save_and_load_keeps_the_statistics(sequences, tmp_path):
