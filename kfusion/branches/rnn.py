@@ -3,19 +3,30 @@ from keras import ops
 
 from kfusion import _checks
 from kfusion.branches._base import BaseBranch
+from kfusion.layers.min_gru import MinGRU
+from kfusion.layers.min_lstm import MinLSTM
 
-_CELLS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU}
+_CELLS = {
+    "lstm": keras.layers.LSTM,
+    "gru": keras.layers.GRU,
+    "mingru": MinGRU,
+    "minlstm": MinLSTM,
+}
+# Cells computed all at once over time (no recurrent weights, no recurrent dropout).
+_PARALLEL = ("mingru", "minlstm")
 _HALF = ("float16", "bfloat16")
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
 class RNN(BaseBranch):
-    """A recurrent branch (LSTM or GRU) for token ids, sequences and images.
+    """A recurrent branch (LSTM, GRU, minGRU, minLSTM) for token ids, sequences and images.
 
     A stack of `num_layers` recurrent layers: the LSTM of Hochreiter &
-    Schmidhuber 1997 (*Long Short-Term Memory*) or the GRU of Cho et al. 2014
-    (*Learning Phrase Representations using RNN Encoder-Decoder*), optionally
-    bidirectional (Schuster & Paliwal 1997):
+    Schmidhuber 1997 (*Long Short-Term Memory*), the GRU of Cho et al. 2014
+    (*Learning Phrase Representations using RNN Encoder-Decoder*), or the
+    minGRU / minLSTM of Feng et al. 2024 (*Were RNNs All We Needed?*,
+    `kf.layers.MinGRU`, `kf.layers.MinLSTM`), optionally bidirectional
+    (Schuster & Paliwal 1997):
 
         h_t = cell(x_t, h_{t-1})                               (forward)
         out_t = [h_t^forward; h_t^backward]                    (bidirectional)
@@ -32,18 +43,27 @@ class RNN(BaseBranch):
     Images are read row by row: `(batch, H, W, C)` becomes a sequence of `H`
     steps of `W * C` features (the width and channels must be known).
 
-    Under mixed precision the recurrent layers (their sigmoid gates and the
-    carried state) run in float32 with float32 weights; the output is cast
-    to the policy's compute dtype.
+    minGRU and minLSTM gates depend on the input only, so the whole sequence
+    is computed at once (a log-space parallel scan, no loop over the steps):
+    for long sequences they train many times faster than the LSTM or GRU
+    (benchmarks/RESULTS.md, "Long sequences"). A single layer is a linear
+    recurrence in its state; stacking layers (`num_layers >= 2`) adds depth.
+
+    Under mixed precision the LSTM and GRU layers (their sigmoid gates and the
+    carried state) run in float32 with float32 weights; minGRU and minLSTM
+    project their inputs in the compute dtype and run the gates and the scan
+    in float32. The output is cast to the policy's compute dtype.
 
     Args:
         units: int, the state width of each recurrent layer. Defaults to 64.
-        cell: `"lstm"` or `"gru"`. Defaults to `"lstm"`.
+        cell: `"lstm"`, `"gru"`, `"mingru"` or `"minlstm"`. Defaults to
+            `"lstm"`.
         bidirectional: bool, whether every layer also reads the sequence
             backwards (output width `2 * units`).
         num_layers: int, the number of stacked recurrent layers.
         dropout: float in [0, 1), dropout on the inputs of each layer.
-        recurrent_dropout: float in [0, 1), dropout on the recurrent state.
+        recurrent_dropout: float in [0, 1), dropout on the recurrent state
+            (LSTM and GRU only: minGRU and minLSTM have no recurrent weights).
         pooling: `"last"` (the final state, default), `"mean"` or `"max"`
             (masked, over the steps), or None to return every step with its
             mask.
@@ -76,6 +96,9 @@ class RNN(BaseBranch):
     >>> rows = kf.branches.RNN(units=8, num_layers=2, pooling=None)
     >>> tuple(rows(np.ones((2, 6, 5, 3), "float32")).shape)
     (2, 6, 8)
+    >>> long = kf.branches.RNN(units=8, cell="mingru", num_layers=2, pooling="mean")
+    >>> tuple(long(np.ones((2, 1000, 3), "float32")).shape)
+    (2, 8)
     >>> text = kf.branches.RNN(units=8, vocab_size=100, embedding_dim=4)
     >>> tuple(text(np.array([[5, 7, 9, 0], [3, 0, 0, 0]])).shape)
     (2, 8)
@@ -104,6 +127,12 @@ class RNN(BaseBranch):
         num_layers = _checks.check_int("num_layers", num_layers)
         dropout = _checks.check_rate("dropout", dropout)
         recurrent_dropout = _checks.check_rate("recurrent_dropout", recurrent_dropout)
+        if cell in _PARALLEL and recurrent_dropout:
+            raise ValueError(
+                f"`recurrent_dropout` applies to the lstm and gru cells; {cell} has no "
+                f"recurrent weights (use `dropout`). Received: "
+                f"recurrent_dropout={recurrent_dropout!r}"
+            )
         super().__init__(
             pooling=pooling,
             output_dim=output_dim,
@@ -118,20 +147,23 @@ class RNN(BaseBranch):
         self.dropout = dropout
         self.recurrent_dropout = recurrent_dropout
 
-        # Gates and state stay in float32 under mixed precision.
+        # LSTM/GRU gates and state stay in float32 under mixed precision (minGRU and
+        # minLSTM keep their scan in float32 themselves).
         rnn_policy = self.dtype_policy
-        if keras.backend.standardize_dtype(self.compute_dtype) in _HALF:
+        half = keras.backend.standardize_dtype(self.compute_dtype) in _HALF
+        if half and self.cell not in _PARALLEL:
             rnn_policy = keras.DTypePolicy("float32")
+        extra = {} if self.cell in _PARALLEL else {"recurrent_dropout": self.recurrent_dropout}
         self.rnn_layers = []
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
             layer = _CELLS[self.cell](
                 self.units,
                 dropout=self.dropout,
-                recurrent_dropout=self.recurrent_dropout,
                 return_sequences=not (last and self.pooling == "last"),
                 dtype=rnn_policy,
                 name=f"{self.cell}_{i}",
+                **extra,
             )
             if self.bidirectional:
                 layer = keras.layers.Bidirectional(

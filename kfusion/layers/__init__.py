@@ -8,6 +8,8 @@ from kfusion.layers.film_fusion import FiLMFusion
 from kfusion.layers.gated_fusion import GatedFusion
 from kfusion.layers.input_normalization import InputNormalization
 from kfusion.layers.low_rank_fusion import LowRankFusion
+from kfusion.layers.min_gru import MinGRU
+from kfusion.layers.min_lstm import MinLSTM
 from kfusion.layers.patch_embedding import PatchEmbedding
 from kfusion.layers.position_embedding import PositionEmbedding
 from kfusion.layers.transformer_block import TransformerBlock
@@ -22,6 +24,8 @@ __all__ = [
     "GatedFusion",
     "InputNormalization",
     "LowRankFusion",
+    "MinGRU",
+    "MinLSTM",
     "PatchEmbedding",
     "PositionEmbedding",
     "TransformerBlock",

@@ -1,0 +1,74 @@
+import keras
+from keras import ops
+
+from kfusion.layers import _min_rnn
+
+
+@keras.saving.register_keras_serializable(package="kfusion")
+class MinGRU(_min_rnn.MinRNNBase):
+    """The minimal GRU of Feng et al. 2024, computed in parallel over time.
+
+    From *Were RNNs All We Needed?* (Feng, Tung, Ahmed, Bengio and Hajimirsadeghi
+    2024). The update gate and the candidate state depend on the input only,
+    not on the previous state:
+
+        z_t = sigmoid(W_z x_t + b_z)
+        h~_t = g(W_h x_t + b_h),       g(v) = v + 0.5 (v >= 0), sigmoid(v) (v < 0)
+        h_t = (1 - z_t) * h_{t-1} + z_t * h~_t,      h_0 = 0
+
+    so the whole sequence is one linear recurrence, solved with
+    `keras.ops.associative_scan` in log space (the paper's numerically stable
+    form): O(log T) sequential depth instead of T steps. With
+    `return_sequences=False` only the final state is computed, as one
+    log-sum-exp over the steps. States are positive. The gates, the scan and
+    the state are computed in float32; the input projection follows the
+    dtype policy and the output is cast to the compute dtype.
+
+    Masked steps leave the state unchanged (the recurrence's identity), so
+    right-padding never changes the outputs at valid steps or the final state.
+    The layer works inside `keras.layers.Bidirectional`.
+
+    Args:
+        units: int, the state width.
+        return_sequences: bool, return every step's state `(batch, T, units)`
+            (True) or only the final one `(batch, units)` (False, default).
+        go_backwards: bool, read the sequence from its end; with
+            `return_sequences=True` the states come in reading order (reversed),
+            as keras' recurrent layers do.
+        dropout: float in [0, 1), dropout on the inputs (one mask per sequence,
+            shared by its steps).
+        kernel_initializer: initializer of the input projection's kernel.
+        bias_initializer: initializer of its bias.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        sequences: a float tensor `(batch, T, features)`; `T` may be unknown.
+        initial_state: optional `(batch, units)` state `h_0` (or a list
+            holding it). Defaults to zeros.
+        mask: optional boolean `(batch, T)`, False at padded steps.
+        training: bool, whether dropout is active.
+
+    Returns:
+        `(batch, T, units)` with `return_sequences=True`, else `(batch, units)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import kfusion as kf
+    >>> x = np.random.default_rng(0).normal(size=(2, 100, 3)).astype("float32")
+    >>> tuple(kf.layers.MinGRU(8, return_sequences=True)(x).shape)
+    (2, 100, 8)
+    >>> tuple(kf.layers.MinGRU(8)(x).shape)
+    (2, 8)
+    >>> import keras
+    >>> tuple(keras.layers.Bidirectional(kf.layers.MinGRU(8))(x).shape)
+    (2, 16)
+    """
+
+    projections = ("update", "candidate")
+
+    def _log_coefficients(self, x):
+        update, candidate = self._project(x)
+        log_keep = -ops.softplus(update)  # log(1 - z)
+        # log z = log(1 - z) + update, since z / (1 - z) = exp(update)
+        return log_keep, log_keep + update + _min_rnn.log_g(candidate)
