@@ -102,6 +102,8 @@ CASES = {
     ),
     "PatchEmbedding": lambda: _layer_case(kf.layers.PatchEmbedding(4, 4), _floats(4, 8, 8, 3)),
     "PositionEmbedding": lambda: _layer_case(kf.layers.PositionEmbedding(8), _floats(4, 5, 4)),
+    "MinGRU": lambda: _layer_case(kf.layers.MinGRU(4, return_sequences=True), _floats(4, 20, 3)),
+    "MinLSTM": lambda: _layer_case(kf.layers.MinLSTM(4, go_backwards=True), _floats(4, 20, 3)),
     "TransformerBlock": lambda: _layer_case(
         kf.layers.TransformerBlock(num_heads=2, intermediate_dim=8), _floats(4, 5, 4)
     ),

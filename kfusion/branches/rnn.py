@@ -155,20 +155,36 @@ class RNN(BaseBranch):
             rnn_policy = keras.DTypePolicy("float32")
         extra = {} if self.cell in _PARALLEL else {"recurrent_dropout": self.recurrent_dropout}
         self.rnn_layers = []
+        # minGRU/minLSTM read backwards through their own backward layer, not through
+        # keras.layers.Bidirectional: that wrapper rebuilds the layer it wraps from its
+        # config, and while a model loads keras matches such configs by id(), so a freed
+        # template's id taken by a later one can hand a Bidirectional an earlier layer as
+        # its backward half.
+        self.backward_layers = []
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
-            layer = _CELLS[self.cell](
-                self.units,
-                dropout=self.dropout,
-                return_sequences=not (last and self.pooling == "last"),
-                dtype=rnn_policy,
-                name=f"{self.cell}_{i}",
-                **extra,
-            )
-            if self.bidirectional:
-                layer = keras.layers.Bidirectional(
-                    layer, dtype=rnn_policy, name=f"bidirectional_{i}"
+
+            def make(name, backwards=False, last=last):
+                more = {"go_backwards": True} if backwards else {}
+                return _CELLS[self.cell](
+                    self.units,
+                    dropout=self.dropout,
+                    return_sequences=not (last and self.pooling == "last"),
+                    dtype=rnn_policy,
+                    name=name,
+                    **extra,
+                    **more,
                 )
+
+            if self.bidirectional and self.cell in _PARALLEL:
+                layer = make(f"forward_{self.cell}_{i}")
+                self.backward_layers.append(make(f"backward_{self.cell}_{i}", backwards=True))
+            elif self.bidirectional:
+                layer = keras.layers.Bidirectional(
+                    make(f"{self.cell}_{i}"), dtype=rnn_policy, name=f"bidirectional_{i}"
+                )
+            else:
+                layer = make(f"{self.cell}_{i}")
             self.rnn_layers.append(layer)
 
     # ------------------------------------------------------------------ helpers
@@ -191,9 +207,13 @@ class RNN(BaseBranch):
         shape = tuple(shape)
         if kind == "image":
             shape = self._rows_as_sequence_shape(shape)
-        for layer in self.rnn_layers:
+        for i, layer in enumerate(self.rnn_layers):
             layer.build(shape)
-            shape = tuple(layer.compute_output_shape(shape))
+            out = tuple(layer.compute_output_shape(shape))
+            if self.backward_layers:
+                self.backward_layers[i].build(shape)
+                out = out[:-1] + (2 * out[-1],)
+            shape = out
 
     def _call_body(self, x, mask, kind, training):
         if kind == "image":
@@ -204,8 +224,15 @@ class RNN(BaseBranch):
                 x = ops.reshape(x, (-1, height, features))
             x = ops.cast(x, self.compute_dtype)
             mask = None
-        for layer in self.rnn_layers:
-            x = layer(x, mask=mask, training=training)
+        for i, layer in enumerate(self.rnn_layers):
+            if self.backward_layers:
+                backward = self.backward_layers[i](x, mask=mask, training=training)
+                x = layer(x, mask=mask, training=training)
+                if len(backward.shape) == 3:  # states come in reading order: realign them
+                    backward = ops.flip(backward, axis=1)
+                x = ops.concatenate([x, backward], axis=-1)
+            else:
+                x = layer(x, mask=mask, training=training)
         x = ops.cast(x, self.compute_dtype)
         if len(x.shape) == 2:
             return x, None

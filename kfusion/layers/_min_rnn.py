@@ -63,6 +63,8 @@ def _combine(earlier, later):
 
 # Steps per chunk of the chunked scan (see `log_states`).
 CHUNK = 16
+# T_max of the chrono initialisation when the input length is unknown at build time.
+_CHRONO_UNKNOWN_LENGTH = 1000
 # Recursive-doubling levels for lengths only known at run time, after two levels of
 # chunks: up to 2**24 * 256 steps.
 _DOUBLINGS = 24
@@ -120,7 +122,10 @@ def _scan_chunks(log_a, log_b):
 def _shift(x, steps, fill):
     """`x` moved `steps` places later along axis 1, `fill` coming in (any length)."""
     length = ops.shape(x)[1]
-    kept = x[:, : ops.maximum(length - steps, 0)]
+    if isinstance(length, int):
+        kept = x[:, : max(length - steps, 0)]
+    else:
+        kept = x[:, : ops.maximum(length - steps, 0)]
     return ops.pad(kept, [[0, 0], [steps, 0], [0, 0]], constant_values=fill)[:, :length]
 
 
@@ -218,6 +223,7 @@ class MinRNNBase(keras.layers.Layer):
         dropout=0.0,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        chrono_init=True,
         **kwargs,
     ):
         units = _checks.check_int("units", units)
@@ -226,6 +232,7 @@ class MinRNNBase(keras.layers.Layer):
         dropout = _checks.check_rate("dropout", dropout)
         kernel_initializer = _checks.check_initializer("kernel_initializer", kernel_initializer)
         bias_initializer = _checks.check_initializer("bias_initializer", bias_initializer)
+        chrono_init = _checks.check_bool("chrono_init", chrono_init)
         super().__init__(**kwargs)
         self.units = units
         self.return_sequences = return_sequences
@@ -233,6 +240,7 @@ class MinRNNBase(keras.layers.Layer):
         self.dropout = dropout
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
+        self.chrono_init = chrono_init
         # What keras.layers.Bidirectional reads from the layers it wraps.
         self.return_state = False
         self.stateful = False
@@ -260,6 +268,20 @@ class MinRNNBase(keras.layers.Layer):
         """`(log a, log b)`, each (batch, T, units) in float32, from the inputs `x`."""
         raise NotImplementedError
 
+    def _chrono_biases(self, log_timescales):
+        """{projection index: its bias} for timescales `exp(log_timescales)`."""
+        raise NotImplementedError
+
+    def _initialize_timescales(self, length):
+        """Chrono initialisation (Tallec & Ollivier 2018, *Can recurrent neural networks
+        warp time?*): each unit starts with a memory of `1 + tau` steps, `tau` drawn
+        uniformly in [1, T_max - 1], T_max the input's static length (1000 if unknown)."""
+        t_max = _CHRONO_UNKNOWN_LENGTH if length is None else max(int(length), 3)
+        tau = keras.random.uniform((self.units,), minval=1.0, maxval=float(t_max - 1))
+        for index, bias in self._chrono_biases(ops.log(tau)).items():
+            layer = self.projection_layers[index]
+            layer.bias.assign(ops.cast(bias, layer.bias.dtype))
+
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         name = type(self).__name__
@@ -272,6 +294,8 @@ class MinRNNBase(keras.layers.Layer):
         self.input_dropout.build(input_shape)
         for layer in self.projection_layers:
             layer.build(input_shape)
+        if self.chrono_init:
+            self._initialize_timescales(input_shape[1])
         self.built = True
 
     def call(self, sequences, initial_state=None, mask=None, training=None):
@@ -330,4 +354,5 @@ class MinRNNBase(keras.layers.Layer):
             "bias_initializer": keras.initializers.serialize(
                 keras.initializers.get(self.bias_initializer)
             ),
+            "chrono_init": self.chrono_init,
         }

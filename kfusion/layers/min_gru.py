@@ -38,7 +38,15 @@ class MinGRU(_min_rnn.MinRNNBase):
         dropout: float in [0, 1), dropout on the inputs (one mask per sequence,
             shared by its steps).
         kernel_initializer: initializer of the input projection's kernel.
-        bias_initializer: initializer of its bias.
+        bias_initializer: initializer of its biases (the candidate's, and the
+            gates' too with `chrono_init=False`).
+        chrono_init: bool, whether the gate biases start with the chrono
+            initialisation of Tallec & Ollivier 2018 (*Can recurrent neural
+            networks warp time?*): each unit's memory starts at `1 + tau` steps,
+            `tau` uniform in [1, T_max - 1], T_max the input's static length
+            (1000 when unknown). With zero biases a unit starts forgetting half
+            its state every step, and long-range signals give no gradient.
+            Defaults to True.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -72,3 +80,7 @@ class MinGRU(_min_rnn.MinRNNBase):
         log_keep = -ops.softplus(update)  # log(1 - z)
         # log z = log(1 - z) + update, since z / (1 - z) = exp(update)
         return log_keep, log_keep + update + _min_rnn.log_g(candidate)
+
+    def _chrono_biases(self, log_timescales):
+        # z = sigmoid(-log tau) = 1 / (1 + tau)
+        return {0: -log_timescales}

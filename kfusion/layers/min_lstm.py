@@ -39,7 +39,15 @@ class MinLSTM(_min_rnn.MinRNNBase):
         dropout: float in [0, 1), dropout on the inputs (one mask per sequence,
             shared by its steps).
         kernel_initializer: initializer of the input projection's kernel.
-        bias_initializer: initializer of its bias.
+        bias_initializer: initializer of its biases (the candidate's, and the
+            gates' too with `chrono_init=False`).
+        chrono_init: bool, whether the gate biases start with the chrono
+            initialisation of Tallec & Ollivier 2018 (*Can recurrent neural
+            networks warp time?*): each unit's memory starts at `1 + tau` steps,
+            `tau` uniform in [1, T_max - 1], T_max the input's static length
+            (1000 when unknown). With zero biases a unit starts forgetting half
+            its state every step, and long-range signals give no gradient.
+            Defaults to True.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -73,3 +81,7 @@ class MinLSTM(_min_rnn.MinRNNBase):
         log_forget = -ops.softplus(ratio)  # log(f / (f + i))
         # log(i / (f + i)) = log(f / (f + i)) + r
         return log_forget, log_forget + ratio + _min_rnn.log_g(candidate)
+
+    def _chrono_biases(self, log_timescales):
+        # f / (f + i) = tau / (1 + tau) with b_f = log tau, b_i = -log tau
+        return {0: log_timescales, 1: -log_timescales}

@@ -78,6 +78,8 @@ def test_config_roundtrip():
     clone = helpers.check_config_roundtrip(branch)
     assert clone.cell == "gru" and clone.bidirectional and clone.num_layers == 2
     assert clone.recurrent_dropout == 0.2
+    parallel = helpers.check_config_roundtrip(RNN(units=3, cell="minlstm", dropout=0.1))
+    assert parallel.cell == "minlstm" and parallel.dropout == 0.1
 
 
 def test_default_names_are_unique():
@@ -126,6 +128,20 @@ def test_bidirectional_gru_last_matches_numpy(seq):
     np.testing.assert_allclose(out, np.concatenate([forward, backward], -1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_stacked_bidirectional_parallel_cells_match_numpy(seq, cell):
+    from tests.layers.test_min_rnn import numpy_cell
+
+    branch = RNN(units=4, cell=cell, bidirectional=True, num_layers=2, pooling="mean")
+    branch(seq)
+    branch_checks.randomize_weights(branch)
+    out = helpers.as_numpy(branch(seq))
+    h = seq
+    for forward, backward in zip(branch.rnn_layers, branch.backward_layers):
+        h = np.concatenate([numpy_cell(forward, h), numpy_cell(backward, h)[:, ::-1]], -1)
+    np.testing.assert_allclose(out, h.mean(axis=1), rtol=1e-4, atol=1e-5)
+
+
 def test_images_are_read_row_by_row(images):
     branch = RNN(units=4, pooling=None)
     branch(images)
@@ -163,6 +179,8 @@ def test_weight_count():
         (None, {"cell": "gru", "bidirectional": True}),
         ("last", {"cell": "lstm", "bidirectional": True, "num_layers": 2}),
         (None, {"cell": "lstm", "bidirectional": True, "num_layers": 2}),
+        ("last", {"cell": "mingru", "bidirectional": True}),
+        (None, {"cell": "minlstm", "bidirectional": True, "num_layers": 2}),
     ],
 )
 def test_token_padding_never_changes_the_output(ids, pooling, kwargs):
@@ -170,10 +188,12 @@ def test_token_padding_never_changes_the_output(ids, pooling, kwargs):
     branch_checks.check_token_padding_invariance(branch, ids)
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean", "max", None])
-def test_masked_sequence_padding_never_changes_the_output(rng, pooling):
+@pytest.mark.parametrize(
+    "pooling, cell", [("last", "lstm"), ("mean", "lstm"), ("max", "minlstm"), (None, "mingru")]
+)
+def test_masked_sequence_padding_never_changes_the_output(rng, pooling, cell):
     x, mask = branch_checks.padded_sequences(rng, LENGTHS, total=8, features=3)
-    branch = make("sequence", pooling=pooling)
+    branch = make("sequence", pooling=pooling, cell=cell, num_layers=2)
     branch_checks.check_sequence_padding_invariance(branch, x, mask)
 
 
@@ -210,6 +230,7 @@ def test_pooled_output_has_no_mask(ids):
         ("tokens", {"dropout": 0.1, "recurrent_dropout": 0.1}),
         ("sequence", {"cell": "gru", "bidirectional": True, "pooling": "mean"}),
         ("image", {"output_dim": 3}),
+        ("sequence", {"cell": "minlstm", "bidirectional": True, "dropout": 0.1}),
     ],
 )
 def test_fit_step(inputs_by_kind, kind, kwargs):
@@ -222,26 +243,30 @@ def test_fit_step(inputs_by_kind, kind, kwargs):
     [
         ("tokens", {"bidirectional": True, "pooling": "last"}),
         ("image", {"cell": "gru", "pooling": "max", "output_dim": 3}),
+        ("tokens", {"cell": "mingru", "bidirectional": True, "num_layers": 2}),
     ],
 )
 def test_mixed_precision(inputs_by_kind, kind, kwargs, policy):
     branch, _ = helpers.check_mixed_precision(
         lambda: make(kind, **kwargs), inputs_by_kind[kind], policy
     )
-    # The gates and state run in float32; the output follows the policy.
-    assert all(layer.compute_dtype == "float32" for layer in branch.rnn_layers)
+    # LSTM/GRU gates and state run in float32; minGRU projects in the compute dtype (its
+    # scan is float32 inside the layer); the output follows the policy.
+    expected = keras.DTypePolicy(policy).compute_dtype if "min" in branch.cell else "float32"
+    assert all(layer.compute_dtype == expected for layer in branch.rnn_layers)
 
 
-@pytest.mark.parametrize("kind", ["tokens", "image"])
-def test_save_and_load(inputs_by_kind, kind, tmp_path):
-    branch = make(kind, bidirectional=True, num_layers=2, output_dim=3)
+@pytest.mark.parametrize("kind, cell", [("tokens", "lstm"), ("image", "lstm"), ("tokens", "mingru")])
+def test_save_and_load(inputs_by_kind, kind, cell, tmp_path):
+    branch = make(kind, cell=cell, bidirectional=True, num_layers=2, output_dim=3)
     loaded = helpers.check_saving(branch, inputs_by_kind[kind], tmp_path)
     assert isinstance(loaded.layers[-1], RNN)
 
 
 @requires_tensorflow
-def test_saved_model_export(ids, tmp_path):
-    helpers.check_saved_model(make("tokens", bidirectional=True), ids, tmp_path)
+@pytest.mark.parametrize("cell", ["lstm", "minlstm"])
+def test_saved_model_export(ids, cell, tmp_path):
+    helpers.check_saved_model(make("tokens", cell=cell, bidirectional=True), ids, tmp_path)
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -255,6 +280,7 @@ def test_saved_model_export(ids, tmp_path):
         ({"num_layers": 0}, "num_layers"),
         ({"dropout": 1.0}, "dropout"),
         ({"recurrent_dropout": -0.1}, "recurrent_dropout"),
+        ({"cell": "mingru", "recurrent_dropout": 0.2}, "recurrent_dropout"),
         ({"pooling": "first"}, "pooling"),
         ({"output_dim": 0}, "output_dim"),
         ({"vocab_size": 1}, "vocab_size"),
@@ -292,8 +318,39 @@ def test_built_branch_rejects_another_image_width(images):
         branch(images[:, :, :4])
 
 
-@pytest.mark.parametrize("cell, pooling", [("gru", "last"), ("lstm", "mean")])
+@pytest.mark.parametrize("cell, pooling", [("gru", "last"), ("lstm", "mean"), ("minlstm", "last")])
 def test_save_and_load_mixed_float16(ids, cell, pooling, tmp_path):
     keras.config.set_dtype_policy("mixed_float16")  # reset by the autouse fixture
     branch = make("tokens", cell=cell, bidirectional=True, pooling=pooling)
     helpers.check_saving_mixed_float16(branch, ids, tmp_path, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- long sequences
+@requires_tensorflow  # the learning is the backends' same math; one backend keeps CI short
+def test_mingru_learns_a_marked_value_among_many_steps(rng, tmp_path):
+    """150 steps, one marked: predict the sign of the marked value (chance 0.5).
+
+    A minGRU branch learns to update its state at the marker only and carry it to the
+    end; the trained model exports to ONNX and LiteRT with equal outputs (the final state
+    is one log-sum-exp: no loop for the converters)."""
+    from kfusion.export import export
+
+    n, length = 384, 150
+    values = rng.normal(size=(n, length)).astype("float32")
+    marker = np.zeros((n, length), "float32")
+    marker[np.arange(n), rng.integers(0, length, size=n)] = 1.0
+    x = np.stack([values, marker], axis=-1)
+    y = (np.sum(values * marker, axis=1) > 0).astype("int32")
+    import kfusion as kf
+
+    model = kf.FusionModel(
+        inputs=keras.Input((length, 2), name="signal"),
+        branches=[RNN(units=8, cell="mingru")],
+        head=kf.heads.Classification(2),
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.02), metrics=["accuracy"])
+    model.fit(x[:256], y[:256], epochs=20, batch_size=32, verbose=0)
+    accuracy = model.evaluate(x[256:], y[256:], verbose=0, return_dict=True)["accuracy"]
+    assert accuracy >= 0.9, accuracy
+    for fmt, name in (("onnx", "m.onnx"), ("litert", "m.tflite")):
+        export(model, str(tmp_path / name), format=fmt, probe=x[:4])
