@@ -256,7 +256,9 @@ def test_mixed_precision(inputs_by_kind, kind, kwargs, policy):
     assert all(layer.compute_dtype == expected for layer in branch.rnn_layers)
 
 
-@pytest.mark.parametrize("kind, cell", [("tokens", "lstm"), ("image", "lstm"), ("tokens", "mingru")])
+@pytest.mark.parametrize(
+    "kind, cell", [("tokens", "lstm"), ("image", "lstm"), ("tokens", "mingru")]
+)
 def test_save_and_load(inputs_by_kind, kind, cell, tmp_path):
     branch = make(kind, cell=cell, bidirectional=True, num_layers=2, output_dim=3)
     loaded = helpers.check_saving(branch, inputs_by_kind[kind], tmp_path)

@@ -6,8 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from kfusion.layers import MinGRU, MinLSTM
-from kfusion.layers import _min_rnn
+from kfusion.layers import MinGRU, MinLSTM, _min_rnn
 from tests import helpers
 from tests.conftest import requires_tensorflow
 
@@ -233,9 +232,7 @@ def test_fit_step_with_dropout_and_masked_garbage(cls, x, rng):
     assert not np.allclose(helpers.as_numpy(layer(x[:1, :6], training=True)), inference)
 
 
-@pytest.mark.parametrize(
-    "cls, policy", [(MinGRU, "mixed_float16"), (MinLSTM, "mixed_bfloat16")]
-)
+@pytest.mark.parametrize("cls, policy", [(MinGRU, "mixed_float16"), (MinLSTM, "mixed_bfloat16")])
 def test_mixed_precision(cls, policy, x):
     layer, out = helpers.check_mixed_precision(lambda: cls(U, return_sequences=True), x, policy)
     reference = cls(U, return_sequences=True)
