@@ -1,0 +1,23 @@
+"""Write one marked section of a Markdown file, leaving the rest of the file as it is.
+
+A section lives between `<!-- section:NAME -->` and `<!-- /section:NAME -->`; writing it
+again replaces what is between the markers, and a section not there yet is appended.
+"""
+
+import os
+import re
+
+
+def write_section(path, name, text):
+    begin, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: block, old, count=1)
+    else:
+        new = old.rstrip() + ("\n\n" if old.strip() else "") + block + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(new)
+    os.replace(tmp, path)
