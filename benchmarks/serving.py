@@ -269,8 +269,7 @@ def run(args):
     big = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, run_ in runners.items():
-            calls = max(3, args.calls // 4) if "predict" in name else args.calls
-            single[name] += run_(1, calls)
+            single[name] += run_(1, args.calls)
             big[name] += run_(BIG, args.big_calls)
     torch_proc.proc.kill()
     rows = {}
