@@ -242,8 +242,12 @@ def main():
         print(json.dumps(child(name, int(T), int(rounds), int(steps))))
         return
     if a.adding:
-        r = adding(1024, a.adding_n, a.adding_epochs)
-        (HERE / "long_sequences_adding.json").write_text(json.dumps(r, indent=1) + "\n")
+        out = HERE / "long_sequences_adding.json"
+        if a.render:
+            r = json.loads(out.read_text())
+        else:
+            r = adding(1024, a.adding_n, a.adding_epochs)
+            out.write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps(r))
         ok = "met" if r["test_mse"] <= 0.02 else "missed"
         text = (
@@ -255,7 +259,13 @@ def main():
             f"batch 32, {a.adding_n} training sequences (10% held out for validation), "
             f"{a.adding_epochs} epochs, {r['train_wall_s']:.0f} s of training; 1000 test "
             f"sequences. Test MSE **{r['test_mse']:.4f}** (predicting the mean: "
-            f"{r['mean_predictor_mse']:.4f}). Target MSE <= 0.02: **{ok}**."
+            f"{r['mean_predictor_mse']:.4f}). Target MSE <= 0.02: **{ok}**"
+            + (
+                "; in this budget the model had not left the mean-predictor plateau "
+                "(longer training and a learning-rate search are still to do)."
+                if ok == "missed"
+                else "."
+            )
         )
         from _marked import write_section
 
