@@ -7,6 +7,9 @@ from kfusion.layers.patch_embedding import PatchEmbedding
 from kfusion.layers.position_embedding import PositionEmbedding
 from kfusion.layers.transformer_block import TransformerBlock
 
+# Rows of the position table when neither `max_length` nor the input's length is known.
+DEFAULT_TABLE_LENGTH = 512
+
 
 @keras.saving.register_keras_serializable(package="kfusion")
 class Transformer(BaseBranch):
@@ -22,10 +25,13 @@ class Transformer(BaseBranch):
         z = dropout(z); z = [c; z] when pooling="cls"
         z = block_depth(... block_1(z, mask) ...); z = LN(z) when norm_first
 
-    `P` is a learned position table of `max_length` rows and `c` a learned
-    CLS token (BERT, Devlin et al. 2019; ViT). The CLS token is prepended
-    after the position embedding, so `max_length` bounds the input length
-    (T, or N = (H // ph) * (W // pw) patches) and not the length plus one.
+    `P` is a learned position table and `c` a learned CLS token (BERT,
+    Devlin et al. 2019; ViT). The table has one row per token of the
+    input's static length (T, or N = (H // ph) * (W // pw) patches) when that
+    length is known when the branch is built, so a 1,460-step series needs no
+    setting; `max_length` rows when given; otherwise 512 rows. The CLS token
+    is prepended after the position embedding, so the table bounds the input
+    length and not the length plus one.
 
     Token ids use id 0 as padding: their mask (and the keras mask of a float
     sequence) becomes the blocks' padding mask, so padded steps are never
@@ -49,8 +55,9 @@ class Transformer(BaseBranch):
             Defaults to `4 * dim`.
         dropout: float in [0, 1), dropout on the embedded tokens and inside
             every block.
-        max_length: int, the longest input (steps or patches) the position
-            table covers. Defaults to 512.
+        max_length: int or None, the longest input (steps or patches) the
+            position table covers. None (the default): the input's static
+            length when known at build time, else 512.
         patch_size: int or pair `(ph, pw)`, the image patch size (images
             only). Defaults to 4.
         vocab_size: int or None. When given, the branch takes integer token
@@ -68,7 +75,7 @@ class Transformer(BaseBranch):
     Call arguments:
         inputs: integer token ids `(batch, T)` (with `vocab_size`), a float
             sequence `(batch, T, F)` or an image `(batch, H, W, C)`. `T` may
-            be unknown until call time (then at most `max_length`).
+            be unknown until call time (then at most `max_length`, or 512).
         training: bool, whether dropout is active.
         mask: optional boolean `(batch, T)` mask for float sequences (token
             ids make their own mask from the zeros).
@@ -104,7 +111,7 @@ class Transformer(BaseBranch):
         num_heads=4,
         intermediate_dim=None,
         dropout=0.0,
-        max_length=512,
+        max_length=None,
         patch_size=4,
         vocab_size=None,
         embedding_dim=None,
@@ -123,7 +130,7 @@ class Transformer(BaseBranch):
             )
         intermediate_dim = _checks.check_int("intermediate_dim", intermediate_dim, allow_none=True)
         dropout = _checks.check_rate("dropout", dropout)
-        max_length = _checks.check_int("max_length", max_length)
+        max_length = _checks.check_int("max_length", max_length, allow_none=True)
         patch_size = _checks.check_int_tuple("patch_size", patch_size)
         if len(patch_size) not in (1, 2):
             raise ValueError(
@@ -147,9 +154,9 @@ class Transformer(BaseBranch):
         self.patch_size = patch_size * 2 if len(patch_size) == 1 else patch_size
         self.norm_first = norm_first
 
-        self.position_embedding = PositionEmbedding(
-            self.max_length, dtype=self.dtype_policy, name="position_embedding"
-        )
+        # The position table's length comes from the input when max_length is None:
+        # `_build_body` creates it.
+        self.position_embedding = None
         self.embedding_dropout = keras.layers.Dropout(
             self.dropout, dtype=self.dtype_policy, name="embedding_dropout"
         )
@@ -176,6 +183,13 @@ class Transformer(BaseBranch):
         self.patch_embedding = None
         self.cls_token = None
 
+    @property
+    def position_rows(self):
+        """The number of steps (or patches) the position table holds (None before build)."""
+        if self.position_embedding is not None:
+            return self.position_embedding.max_length
+        return self.max_length
+
     # ----------------------------------------------------------- body contract
     def _token_count(self, kind, shape):
         """The number of tokens the blocks see before any CLS token (None if unknown)."""
@@ -198,12 +212,16 @@ class Transformer(BaseBranch):
             )
             self.projection.build(shape)
             shape = shape[:-1] + (self.dim,)
-        if shape[1] is not None and shape[1] > self.max_length:
+        if shape[1] is not None and self.max_length is not None and shape[1] > self.max_length:
             what = "patches" if kind == "image" else "steps"
             raise ValueError(
                 f"Transformer branch '{self.name}' got more {what} than its position table "
                 f"holds. Received: length={shape[1]}, max_length={self.max_length}"
             )
+        rows = self.max_length or shape[1] or DEFAULT_TABLE_LENGTH
+        self.position_embedding = PositionEmbedding(
+            rows, dtype=self.dtype_policy, name="position_embedding"
+        )
         self.position_embedding.build(shape)
         self.embedding_dropout.build(shape)
         if self.pooling == "cls":

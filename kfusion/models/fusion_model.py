@@ -1131,7 +1131,7 @@ def _check_for_branch(name, array, shape, branch):
     Token ids below its `vocab_size`; no more steps (or image patches) than its position
     table holds (`max_length`).
     """
-    max_length = getattr(branch, "max_length", None)
+    max_length = getattr(branch, "position_rows", getattr(branch, "max_length", None))
     if max_length is not None and len(shape) in (2, 3, 4):
         if len(shape) == 4:
             ph, pw = getattr(branch, "patch_size", (1, 1))

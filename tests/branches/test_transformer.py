@@ -113,6 +113,23 @@ def test_unknown_lengths(rng):
     assert tuple(patches(rng.normal(size=(2, 8, 4, 2)).astype("float32")).shape) == (2, 2, 8)
 
 
+def test_position_table_is_sized_from_the_static_length(rng):
+    """A 1,460-step series needs no setting: the table has one row per known step."""
+    branch = Transformer(dim=8, depth=1, num_heads=2)
+    x = rng.normal(size=(2, 1460, 1)).astype("float32")
+    assert tuple(branch(x).shape) == (2, 8)
+    assert tuple(branch.position_embedding.embeddings.shape) == (1460, 8)
+    assert branch.position_rows == 1460
+    images = Transformer(dim=8, depth=1, num_heads=2, patch_size=2)
+    images(keras.Input((6, 8, 1)))
+    assert tuple(images.position_embedding.embeddings.shape) == (12, 8)  # 3 x 4 patches
+    unknown = Transformer(dim=8, depth=1, num_heads=2)
+    unknown(keras.Input((None, 3)))
+    assert unknown.position_rows == 512
+    with pytest.raises(ValueError, match=re.escape("length=1461, max_length=1460")):
+        branch(np.zeros((2, 1461, 1), "float32"))
+
+
 # ----------------------------------------------------------------------------- formula
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_sequences_match_numpy(seq, norm_first):
@@ -195,7 +212,9 @@ def test_weight_count():
     post = Transformer(dim=8, depth=1, num_heads=2, norm_first=False, patch_size=(2, 3))
     post.build((None, 8, 9, 3))
     patch_embedding = 2 * 3 * 3 * dim + dim
-    assert post.count_params() == patch_embedding + 512 * dim + block  # no final norm, no CLS
+    # The table has one row per patch of the known image size: (8 // 2) * (9 // 3) = 12.
+    # No final norm, no CLS.
+    assert post.count_params() == patch_embedding + 12 * dim + block
     assert post.final_norm is None and post.cls_token is None
 
 
