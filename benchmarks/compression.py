@@ -224,6 +224,10 @@ def main():
         with open(out, "w") as f:
             json.dump(data, f, indent=1)
     data = json.load(open(out))
+    data["notes"] = target_notes(data["results"])
+    notes_path = os.path.join(HERE, "COMPRESSION_NOTES.md")
+    if os.path.exists(notes_path):
+        data["notes"] += [""] + open(notes_path).read().strip().splitlines()
     from _marked import write_section
 
     write_section(os.path.join(HERE, "RESULTS.md"), "compression", markdown(data))
