@@ -54,43 +54,17 @@ def set_threads(threads):
 
 # --------------------------------------------------------------------------- PyTorch
 def torch_model():
-    """The network in plain PyTorch (as in benchmarks/run.py)."""
+    """The network in plain PyTorch: benchmarks/run.py's, with the softmax served here."""
     import torch
-    from torch import nn
+    from run import torch_model as logits_model
 
-    class Block(nn.Module):
+    class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.n1 = nn.LayerNorm(64, eps=1e-6)
-            self.att = nn.MultiheadAttention(64, 4, batch_first=True)
-            self.n2 = nn.LayerNorm(64, eps=1e-6)
-            self.ff = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+            self.net = logits_model()
 
         def forward(self, x):
-            h = self.n1(x)
-            x = x + self.att(h, h, h, need_weights=False)[0]
-            return x + self.ff(self.n2(x))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1 = nn.Conv1d(F, 64, 3, padding=1)
-            self.c2 = nn.Conv1d(64, 64, 3, padding=1)
-            self.lstm = nn.LSTM(F, 64, batch_first=True)
-            self.proj = nn.Linear(F, 64)
-            self.pos = nn.Parameter(torch.zeros(T, 64))
-            self.blocks = nn.ModuleList([Block(), Block()])
-            self.norm = nn.LayerNorm(64, eps=1e-6)
-            self.head = nn.Linear(64 * 3, CLASSES)
-
-        def forward(self, x):
-            c = torch.relu(self.c2(torch.relu(self.c1(x.transpose(1, 2))))).mean(-1)
-            r = self.lstm(x)[0][:, -1]
-            t = self.proj(x) + self.pos
-            for b in self.blocks:
-                t = b(t)
-            t = self.norm(t).mean(1)
-            return torch.softmax(self.head(torch.cat([c, r, t], -1)), -1)
+            return torch.softmax(self.net(x), -1)
 
     return Net().eval()
 
