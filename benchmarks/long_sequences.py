@@ -322,6 +322,8 @@ def render(results, a):
             f"Batch {BATCH}, F={F}, width {UNITS}, MSE loss, Adam. Keras on TensorFlow, "
             f"default compile jit_compile='auto', which Keras resolved to {note} "
             "(XLA off). Torch eager. T=4096 is not in this run when not listed.",
+            "This run: T=64 and 256 in one invocation, T=1024 in a second, merged "
+            "with --render; T=4096 not run yet. "
             "Each cell runs in its own fresh subprocess (not interleaved round by round); "
             "samples/s is the median over rounds after 2 warm-up steps; peak MB = "
             "ru_maxrss after warm-up and the timed steps minus ru_maxrss after "
