@@ -3,10 +3,12 @@ from keras import ops
 
 from kfusion import _checks
 from kfusion.branches._base import BaseBranch
+from kfusion.layers import _utils
 from kfusion.layers.patch_embedding import PatchEmbedding
 from kfusion.layers.position_embedding import PositionEmbedding
 from kfusion.layers.transformer_block import TransformerBlock
 
+POSITIONS = ("learned", "sinusoidal", "rotary")
 # Rows of the position table when neither `max_length` nor the input's length is known.
 DEFAULT_TABLE_LENGTH = 512
 
@@ -31,7 +33,10 @@ class Transformer(BaseBranch):
     length is known when the branch is built, so a 1,460-step series needs no
     setting; `max_length` rows when given; otherwise 512 rows. The CLS token
     is prepended after the position embedding, so the table bounds the input
-    length and not the length plus one.
+    length and not the length plus one. `positions="sinusoidal"` adds the
+    fixed sines and cosines of Vaswani et al. 2017 instead, and
+    `positions="rotary"` rotates every block's queries and keys (RoFormer, Su
+    et al. 2021): neither has a table, so any length is taken, known or not.
 
     Token ids use id 0 as padding: their mask (and the keras mask of a float
     sequence) becomes the blocks' padding mask, so padded steps are never
@@ -58,6 +63,9 @@ class Transformer(BaseBranch):
         max_length: int or None, the longest input (steps or patches) the
             position table covers. None (the default): the input's static
             length when known at build time, else 512.
+        positions: `"learned"` (a position table, the default),
+            `"sinusoidal"` or `"rotary"` (no table, any length; `"rotary"`
+            needs an even `dim // num_heads`).
         patch_size: int or pair `(ph, pw)`, the image patch size (images
             only). Defaults to 4.
         vocab_size: int or None. When given, the branch takes integer token
@@ -112,6 +120,7 @@ class Transformer(BaseBranch):
         intermediate_dim=None,
         dropout=0.0,
         max_length=None,
+        positions="learned",
         patch_size=4,
         vocab_size=None,
         embedding_dim=None,
@@ -131,6 +140,19 @@ class Transformer(BaseBranch):
         intermediate_dim = _checks.check_int("intermediate_dim", intermediate_dim, allow_none=True)
         dropout = _checks.check_rate("dropout", dropout)
         max_length = _checks.check_int("max_length", max_length, allow_none=True)
+        positions = _checks.check_choice("positions", positions, POSITIONS)
+        if positions != "learned" and max_length is not None:
+            raise ValueError(
+                "`max_length` sizes the learned position table; "
+                f"positions={positions!r} has none. Received: max_length={max_length}"
+            )
+        if positions == "sinusoidal" and dim % 2:
+            raise ValueError(f"positions='sinusoidal' needs an even `dim`. Received: dim={dim}")
+        if positions == "rotary" and (dim // num_heads) % 2:
+            raise ValueError(
+                "positions='rotary' needs an even head size `dim // num_heads`. "
+                f"Received: dim={dim}, num_heads={num_heads}"
+            )
         patch_size = _checks.check_int_tuple("patch_size", patch_size)
         if len(patch_size) not in (1, 2):
             raise ValueError(
@@ -151,6 +173,7 @@ class Transformer(BaseBranch):
         self.intermediate_dim = intermediate_dim
         self.dropout = dropout
         self.max_length = max_length
+        self.positions = positions
         self.patch_size = patch_size * 2 if len(patch_size) == 1 else patch_size
         self.norm_first = norm_first
 
@@ -166,6 +189,7 @@ class Transformer(BaseBranch):
                 intermediate_dim=self.intermediate_dim or 4 * self.dim,
                 dropout=self.dropout,
                 norm_first=self.norm_first,
+                rotary=self.positions == "rotary",
                 dtype=self.dtype_policy,
                 name=f"block_{i}",
             )
@@ -218,11 +242,12 @@ class Transformer(BaseBranch):
                 f"Transformer branch '{self.name}' got more {what} than its position table "
                 f"holds. Received: length={shape[1]}, max_length={self.max_length}"
             )
-        rows = self.max_length or shape[1] or DEFAULT_TABLE_LENGTH
-        self.position_embedding = PositionEmbedding(
-            rows, dtype=self.dtype_policy, name="position_embedding"
-        )
-        self.position_embedding.build(shape)
+        if self.positions == "learned":
+            rows = self.max_length or shape[1] or DEFAULT_TABLE_LENGTH
+            self.position_embedding = PositionEmbedding(
+                rows, dtype=self.dtype_policy, name="position_embedding"
+            )
+            self.position_embedding.build(shape)
         self.embedding_dropout.build(shape)
         if self.pooling == "cls":
             self.cls_token = self.add_weight(
@@ -241,7 +266,10 @@ class Transformer(BaseBranch):
             mask = None
         else:
             x = self.projection(x)
-        x = self.position_embedding(x)
+        if self.positions == "learned":
+            x = self.position_embedding(x)
+        elif self.positions == "sinusoidal":
+            x = x + _utils.sinusoidal_positions(ops.shape(x)[1], self.dim, x.dtype)
         x = self.embedding_dropout(x, training=training)
         if mask is not None:
             mask = ops.cast(mask, "bool")
@@ -275,6 +303,7 @@ class Transformer(BaseBranch):
             "intermediate_dim": self.intermediate_dim,
             "dropout": self.dropout,
             "max_length": self.max_length,
+            "positions": self.positions,
             "patch_size": self.patch_size,
             "norm_first": self.norm_first,
         }

@@ -5,6 +5,7 @@ Argument checks shared by the whole package live in `kfusion._checks`.
 Only `keras` and `keras.ops` are used here, never a backend directly.
 """
 
+import math
 import numbers
 
 import keras
@@ -112,3 +113,39 @@ def masked_mean(x, mask, axis=1):
     total = ops.sum(x * m, axis=axis)
     count = ops.maximum(ops.sum(m, axis=axis), ops.cast(1.0, x.dtype))
     return total / count
+
+
+def sinusoidal_positions(length, dim, dtype):
+    """The fixed sine/cosine positions of Vaswani et al. 2017, shape `(1, length, dim)`.
+
+    `P[t, i] = sin(t w_i)` for the first `dim // 2` columns and `cos(t w_i)` for the
+    rest, with `w_i = 10000 ** (-2 i / dim)` (the paper's interleaved columns, grouped).
+    `length` may be a tensor (a length only known at call time); `dim` is even.
+    """
+    half = dim // 2
+    rates = ops.exp(ops.arange(half, dtype="float32") * (-math.log(10000.0) * 2.0 / dim))
+    steps = ops.cast(ops.arange(length), "float32")
+    angles = ops.expand_dims(steps, -1) * ops.expand_dims(rates, 0)
+    table = ops.concatenate([ops.sin(angles), ops.cos(angles)], axis=-1)
+    return ops.cast(ops.expand_dims(table, 0), dtype)
+
+
+def rotary(x):
+    """Rotary position embedding (RoFormer, Su et al. 2021) of `(batch, T, heads, H)`.
+
+    Each pair of features `(i, i + H/2)` of step `t` is rotated by the angle `t w_i`,
+    `w_i = 10000 ** (-2 i / H)`, so the dot product of a rotated query at `t` and a
+    rotated key at `s` depends on `t - s` only. Computed in float32, returned in the
+    input's dtype; `H` is even.
+    """
+    dtype = x.dtype
+    x = ops.cast(x, "float32")
+    half = x.shape[-1] // 2
+    rates = ops.exp(ops.arange(half, dtype="float32") * (-math.log(10000.0) / half))
+    steps = ops.cast(ops.arange(ops.shape(x)[1]), "float32")
+    angles = ops.expand_dims(steps, -1) * ops.expand_dims(rates, 0)  # (T, H/2)
+    cos = ops.expand_dims(ops.expand_dims(ops.cos(angles), 0), 2)  # (1, T, 1, H/2)
+    sin = ops.expand_dims(ops.expand_dims(ops.sin(angles), 0), 2)
+    first, second = x[..., :half], x[..., half:]
+    out = ops.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
+    return ops.cast(out, dtype)

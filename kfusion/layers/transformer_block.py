@@ -27,6 +27,8 @@ class _Float32SoftmaxAttention(keras.layers.MultiHeadAttention):
         return_attention_scores=False,
         **kwargs,
     ):
+        if getattr(self, "rotary", False):
+            query, key = _utils.rotary(query), _utils.rotary(key)
         query = ops.cast(query, "float32") * self._inverse_sqrt_key_dim
         scores = ops.einsum(self._dot_product_equation, ops.cast(key, "float32"), query)
         if attention_mask is not None:
@@ -85,6 +87,10 @@ class TransformerBlock(keras.layers.Layer):
         norm_first: bool. `True` for pre-norm (Xiong et al. 2020), `False`
             for post-norm (Vaswani et al. 2017).
         layer_norm_epsilon: float > 0. Epsilon of both layer normalisations.
+        rotary: bool. Whether queries and keys get rotary position embeddings
+            (RoFormer, Su et al. 2021) before their dot product, so attention
+            depends on the distance between steps and needs no position table.
+            Needs an even `key_dim`. Defaults to False.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -120,6 +126,7 @@ class TransformerBlock(keras.layers.Layer):
         activation="gelu",
         norm_first=True,
         layer_norm_epsilon=1e-6,
+        rotary=False,
         **kwargs,
     ):
         num_heads = _checks.check_int("num_heads", num_heads)
@@ -129,6 +136,7 @@ class TransformerBlock(keras.layers.Layer):
         activation = _checks.check_activation("activation", activation)
         norm_first = _checks.check_bool("norm_first", norm_first)
         layer_norm_epsilon = _checks.check_positive_float("layer_norm_epsilon", layer_norm_epsilon)
+        rotary = _checks.check_bool("rotary", rotary)
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
@@ -137,6 +145,7 @@ class TransformerBlock(keras.layers.Layer):
         self.activation = activation
         self.norm_first = norm_first
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.rotary = rotary
         self.supports_masking = True
 
         self.attention_norm = keras.layers.LayerNormalization(
@@ -175,6 +184,11 @@ class TransformerBlock(keras.layers.Layer):
                 f"{name} with key_dim=None needs an input width d >= num_heads "
                 f"(key_dim = d // num_heads). Received: d={dim}, num_heads={self.num_heads}"
             )
+        if self.rotary and key_dim % 2:
+            raise ValueError(
+                f"{name} with rotary=True needs an even key_dim (features are rotated in "
+                f"pairs). Received: key_dim={key_dim}"
+            )
         self.attention = _Float32SoftmaxAttention(
             num_heads=self.num_heads,
             key_dim=key_dim,
@@ -182,6 +196,7 @@ class TransformerBlock(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention",
         )
+        self.attention.rotary = self.rotary
         self.output_dense = keras.layers.Dense(dim, dtype=self.dtype_policy, name="output_dense")
         self.attention_norm.build(input_shape)
         self.attention.build(input_shape, input_shape)
@@ -233,5 +248,6 @@ class TransformerBlock(keras.layers.Layer):
             "activation": _checks.serialize_activation(self.activation),
             "norm_first": self.norm_first,
             "layer_norm_epsilon": self.layer_norm_epsilon,
+            "rotary": self.rotary,
         }
         return _quantization.with_quantized_sublayers(self, config)

@@ -130,6 +130,61 @@ def test_position_table_is_sized_from_the_static_length(rng):
         branch(np.zeros((2, 1461, 1), "float32"))
 
 
+@pytest.mark.parametrize("positions", ["sinusoidal", "rotary"])
+def test_positions_without_a_table_take_any_length(rng, positions):
+    """No table: any length, known or not, and right-padding still changes nothing."""
+    branch = make("sequence", positions=positions, max_length=None)
+    long = rng.normal(size=(2, 700, 3)).astype("float32")  # longer than the 512 default
+    assert tuple(branch(long).shape) == (2, 8)
+    assert branch.position_embedding is None and branch.position_rows is None
+    assert not [w for w in branch.weights if "position" in w.path]
+    assert tuple(
+        make("sequence", positions=positions, max_length=None)(keras.Input((None, 3))).shape
+    ) == (None, 8)
+    x, mask = branch_checks.padded_sequences(rng, LENGTHS, total=8, features=3)
+    padded = make("sequence", positions=positions, max_length=None, pooling="cls")
+    branch_checks.check_sequence_padding_invariance(padded, x, mask)
+    # The order of the steps is seen: reversing a sequence changes the output.
+    z = rng.normal(size=(2, 6, 3)).astype("float32")
+    assert not np.allclose(helpers.as_numpy(branch(z)), helpers.as_numpy(branch(z[:, ::-1])))
+
+
+def test_sinusoidal_positions_match_the_formula():
+    from kfusion.layers import _utils
+
+    table = helpers.as_numpy(_utils.sinusoidal_positions(5, 6, "float32"))[0]
+    t, i = np.arange(5)[:, None], np.arange(3)[None, :]
+    angles = t * 10000.0 ** (-2 * i / 6)
+    np.testing.assert_allclose(
+        table, np.concatenate([np.sin(angles), np.cos(angles)], -1), atol=1e-6
+    )
+
+
+def test_rotary_scores_depend_on_the_distance_only(rng):
+    from kfusion.layers import _utils
+
+    q = np.broadcast_to(rng.normal(size=(1, 1, 2, 8)), (1, 12, 2, 8)).astype("float32")
+    k = np.broadcast_to(rng.normal(size=(1, 1, 2, 8)), (1, 12, 2, 8)).astype("float32")
+    rq, rk = helpers.as_numpy(_utils.rotary(q)), helpers.as_numpy(_utils.rotary(k))
+    scores = np.einsum("bthd,bshd->bhts", rq, rk)[0]
+    for offset in (0, 3, -2):
+        diagonal = np.diagonal(scores, offset=offset, axis1=1, axis2=2)
+        np.testing.assert_allclose(diagonal, diagonal[:, :1] + 0 * diagonal, rtol=1e-4, atol=1e-4)
+    # Rotation keeps the norm, and step 0 is not rotated.
+    np.testing.assert_allclose(np.linalg.norm(rq, axis=-1), np.linalg.norm(q, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(rq[:, 0], q[:, 0], atol=1e-6)
+    assert not np.allclose(rq[:, 1], q[:, 1])
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "rotary"])
+def test_positions_save_and_load(rng, positions, tmp_path):
+    branch = make("sequence", positions=positions, max_length=None, output_dim=3)
+    clone = helpers.check_config_roundtrip(branch)
+    assert clone.positions == positions
+    x = rng.normal(size=(2, 7, 3)).astype("float32")
+    helpers.check_saving(branch, x, tmp_path)
+
+
 # ----------------------------------------------------------------------------- formula
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_sequences_match_numpy(seq, norm_first):
@@ -284,6 +339,8 @@ def test_fit_step(inputs_by_kind, kind, kwargs):
     [
         ("tokens", {"pooling": "cls", "dropout": 0.1}),
         ("image", {"pooling": None, "output_dim": 3}),
+        ("sequence", {"positions": "rotary", "max_length": None}),
+        ("sequence", {"positions": "sinusoidal", "max_length": None}),
     ],
 )
 def test_mixed_precision(inputs_by_kind, kind, kwargs, policy):
@@ -328,11 +385,21 @@ def test_saved_model_export(ids, tmp_path):
         ({"vocab_size": 1}, "vocab_size"),
         ({"embedding_dim": 0}, "embedding_dim"),
         ({"norm_first": "yes"}, "norm_first"),
+        ({"positions": "absolute"}, "positions"),
     ],
 )
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=re.escape(f"{name}={kwargs[name]!r}")):
         Transformer(**kwargs)
+
+
+def test_positions_arguments_that_cannot_hold():
+    with pytest.raises(ValueError, match=re.escape("max_length=64")):
+        Transformer(positions="sinusoidal", max_length=64)
+    with pytest.raises(ValueError, match=re.escape("dim=6, num_heads=2")):
+        Transformer(dim=6, num_heads=2, positions="rotary")
+    with pytest.raises(ValueError, match=re.escape("dim=9")):
+        Transformer(dim=9, num_heads=3, positions="sinusoidal")
 
 
 def test_dim_must_be_a_multiple_of_num_heads():
