@@ -23,6 +23,7 @@ class Transformer(BaseBranch):
 
         token ids  (batch, T):        z = W_p Embed(ids) + b_p + P[:T]
         sequences  (batch, T, F):     z = W_p x + b_p + P[:T]
+        patched    (batch, T, F):     z_j = W_p vec(x[jS : jS + L]) + b_p + P[j]   (PatchTST)
         images     (batch, H, W, C):  z = PatchEmbed(x) + P[:N]   (ViT, Dosovitskiy et al. 2021)
         z = dropout(z); z = [c; z] when pooling="cls"
         z = block_depth(... block_1(z, mask) ...); z = LN(z) when norm_first
@@ -68,6 +69,14 @@ class Transformer(BaseBranch):
             needs an even `dim // num_heads`).
         patch_size: int or pair `(ph, pw)`, the image patch size (images
             only). Defaults to 4.
+        patch_length: int or None. When given, a float sequence is cut into
+            patches of `patch_length` steps every `patch_stride` steps, each
+            projected to one token (PatchTST, Nie et al. 2023): a T-step
+            series becomes `(T - L) // S + 1` tokens, which cuts attention
+            cost by about `S ** 2`. A patch is padding unless all its steps
+            are real; with `pooling=None` the patch tokens carry no mask.
+        patch_stride: int or None, the step between patches. Defaults to
+            `patch_length` (patches that do not overlap).
         vocab_size: int or None. When given, the branch takes integer token
             ids (0 is padding) and embeds them.
         embedding_dim: int or None, the token embedding width before the
@@ -122,6 +131,8 @@ class Transformer(BaseBranch):
         max_length=None,
         positions="learned",
         patch_size=4,
+        patch_length=None,
+        patch_stride=None,
         vocab_size=None,
         embedding_dim=None,
         pooling="mean",
@@ -159,6 +170,13 @@ class Transformer(BaseBranch):
                 "`patch_size` must be an integer or a pair (ph, pw). "
                 f"Received: patch_size={patch_size!r}"
             )
+        patch_length = _checks.check_int("patch_length", patch_length, allow_none=True)
+        patch_stride = _checks.check_int("patch_stride", patch_stride, allow_none=True)
+        if patch_stride is not None and patch_length is None:
+            raise ValueError(
+                "`patch_stride` needs a `patch_length`. "
+                f"Received: patch_stride={patch_stride}, patch_length=None"
+            )
         norm_first = _checks.check_bool("norm_first", norm_first)
         super().__init__(
             pooling=pooling,
@@ -175,6 +193,8 @@ class Transformer(BaseBranch):
         self.max_length = max_length
         self.positions = positions
         self.patch_size = patch_size * 2 if len(patch_size) == 1 else patch_size
+        self.patch_length = patch_length
+        self.patch_stride = patch_stride
         self.norm_first = norm_first
 
         # The position table's length comes from the input when max_length is None:
@@ -214,10 +234,22 @@ class Transformer(BaseBranch):
             return self.position_embedding.max_length
         return self.max_length
 
+    @property
+    def _stride(self):
+        return self.patch_stride or self.patch_length
+
+    def _patched(self, kind):
+        return kind == "sequence" and self.patch_length is not None
+
+    def _body_keeps_length(self, kind):
+        return kind == "tokens" or (kind == "sequence" and self.patch_length is None)
+
     # ----------------------------------------------------------- body contract
     def _token_count(self, kind, shape):
         """The number of tokens the blocks see before any CLS token (None if unknown)."""
         if kind != "image":
+            if self._patched(kind) and shape[1] is not None:
+                return (shape[1] - self.patch_length) // self._stride + 1
             return shape[1]
         (ph, pw), height, width = self.patch_size, shape[1], shape[2]
         return None if height is None or width is None else (height // ph) * (width // pw)
@@ -230,6 +262,21 @@ class Transformer(BaseBranch):
             )
             self.patch_embedding.build(shape)
             shape = tuple(self.patch_embedding.compute_output_shape(shape))
+        elif self._patched(kind):
+            if shape[1] is not None and shape[1] < self.patch_length:
+                raise ValueError(
+                    f"Transformer branch '{self.name}' needs at least patch_length steps. "
+                    f"Received: length={shape[1]}, patch_length={self.patch_length}"
+                )
+            self.projection = keras.layers.Conv1D(
+                self.dim,
+                self.patch_length,
+                strides=self._stride,
+                dtype=self.dtype_policy,
+                name="patch_projection",
+            )
+            self.projection.build(shape)
+            shape = (shape[0], self._token_count(kind, shape), self.dim)
         else:
             self.projection = keras.layers.Dense(
                 self.dim, dtype=self.dtype_policy, name="projection"
@@ -266,6 +313,11 @@ class Transformer(BaseBranch):
             mask = None
         else:
             x = self.projection(x)
+            if mask is not None and self._patched(kind):
+                # A patch is real when all its steps are: min-pool the mask over each patch.
+                missing = 1.0 - ops.cast(ops.expand_dims(mask, -1), "float32")
+                missing = ops.max_pool(missing, self.patch_length, self._stride, "valid")
+                mask = ops.squeeze(missing, -1) < 0.5
         if self.positions == "learned":
             x = self.position_embedding(x)
         elif self.positions == "sinusoidal":
@@ -305,5 +357,7 @@ class Transformer(BaseBranch):
             "max_length": self.max_length,
             "positions": self.positions,
             "patch_size": self.patch_size,
+            "patch_length": self.patch_length,
+            "patch_stride": self.patch_stride,
             "norm_first": self.norm_first,
         }

@@ -1138,6 +1138,10 @@ def _check_for_branch(name, array, shape, branch):
             steps, what = (shape[1] // ph) * (shape[2] // pw), "image patches"
         else:
             steps, what = shape[1], "steps"
+            patch = getattr(branch, "patch_length", None)
+            if patch is not None and len(shape) == 3:
+                stride = getattr(branch, "patch_stride", None) or patch
+                steps, what = max(shape[1] - patch, 0) // stride + 1, "patches"
         if steps > max_length:
             raise ValueError(
                 f"Input {name!r} has {steps} {what}, more than branch '{branch.name}' takes "

@@ -149,6 +149,40 @@ def test_positions_without_a_table_take_any_length(rng, positions):
     assert not np.allclose(helpers.as_numpy(branch(z)), helpers.as_numpy(branch(z[:, ::-1])))
 
 
+def test_patching_turns_a_long_series_into_few_tokens(rng, tmp_path):
+    """PatchTST: (T - L) // S + 1 tokens, one table row each, padding-invariant."""
+    branch = make("sequence", max_length=None, patch_length=16, patch_stride=8, pooling=None)
+    x = rng.normal(size=(2, 1460, 3)).astype("float32")
+    assert tuple(branch(x).shape) == (2, (1460 - 16) // 8 + 1, 8)
+    assert branch.position_rows == 181
+    # The stem is one linear map of each flattened patch.
+    kernel = helpers.as_numpy(branch.projection.kernel)  # (L, F, dim)
+    bias = helpers.as_numpy(branch.projection.bias)
+    stem = helpers.as_numpy(branch.projection(x))
+    patch = x[:, 8 * 5 : 8 * 5 + 16].reshape(2, -1)
+    np.testing.assert_allclose(stem[:, 5], patch @ kernel.reshape(-1, 8) + bias, atol=1e-4)
+    x, mask = branch_checks.padded_sequences(rng, [5, 3, 6], total=9, features=3)
+    padded = make("sequence", patch_length=3, patch_stride=2, pooling="mean")
+    branch_checks.check_sequence_padding_invariance(padded, x, mask)
+    helpers.check_config_roundtrip(padded)
+    helpers.check_saving(padded, x, tmp_path)
+    with pytest.raises(ValueError, match=re.escape("length=5, patch_length=16")):
+        make("sequence", max_length=None, patch_length=16)(np.zeros((2, 5, 3), "float32"))
+    with pytest.raises(ValueError, match=re.escape("patch_stride=4")):
+        Transformer(patch_stride=4)
+
+
+def test_patched_model_checks_data_by_patches(rng):
+    import kfusion as kf
+
+    model = kf.FusionModel(
+        inputs=keras.Input((1460, 1), name="signal"),
+        branches=[Transformer(dim=8, depth=1, num_heads=2, patch_length=16, patch_stride=8)],
+        head=kf.heads.Classification(3),
+    )
+    model.check_data(rng.normal(size=(2, 1460, 1)).astype("float32"))
+
+
 def test_sinusoidal_positions_match_the_formula():
     from kfusion.layers import _utils
 
