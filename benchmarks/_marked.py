@@ -9,6 +9,7 @@ import re
 
 
 def write_section(path, name, text):
+    path = os.fspath(path)
     begin, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
     block = f"{begin}\n{text.strip()}\n{end}"
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
