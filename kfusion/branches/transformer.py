@@ -242,7 +242,16 @@ class Transformer(BaseBranch):
         return kind == "sequence" and self.patch_length is not None
 
     def _body_keeps_length(self, kind):
-        return kind == "tokens" or (kind == "sequence" and self.patch_length is None)
+        return kind in ("tokens", "sequence") and not self._patched(kind)
+
+    def token_count(self, input_shape):
+        """The tokens an input of this shape becomes: steps, patches or image patches.
+
+        Rank 2 is token ids, rank 3 a float sequence (patched with `patch_length`), rank
+        4 an image. None where the length is unknown.
+        """
+        kind = {2: "tokens", 3: "sequence", 4: "image"}[len(input_shape)]
+        return self._token_count(kind, tuple(input_shape))
 
     # ----------------------------------------------------------- body contract
     def _token_count(self, kind, shape):

@@ -115,6 +115,14 @@ def masked_mean(x, mask, axis=1):
     return total / count
 
 
+def _position_angles(length, dim):
+    """`t * w_i` for steps t < length and i < dim // 2, `w_i = 10000 ** (-2 i / dim)`."""
+    half = dim // 2
+    rates = ops.exp(ops.arange(half, dtype="float32") * (-math.log(10000.0) / half))
+    steps = ops.cast(ops.arange(length), "float32")
+    return ops.expand_dims(steps, -1) * ops.expand_dims(rates, 0)  # (length, dim // 2)
+
+
 def sinusoidal_positions(length, dim, dtype):
     """The fixed sine/cosine positions of Vaswani et al. 2017, shape `(1, length, dim)`.
 
@@ -122,10 +130,7 @@ def sinusoidal_positions(length, dim, dtype):
     rest, with `w_i = 10000 ** (-2 i / dim)` (the paper's interleaved columns, grouped).
     `length` may be a tensor (a length only known at call time); `dim` is even.
     """
-    half = dim // 2
-    rates = ops.exp(ops.arange(half, dtype="float32") * (-math.log(10000.0) * 2.0 / dim))
-    steps = ops.cast(ops.arange(length), "float32")
-    angles = ops.expand_dims(steps, -1) * ops.expand_dims(rates, 0)
+    angles = _position_angles(length, dim)
     table = ops.concatenate([ops.sin(angles), ops.cos(angles)], axis=-1)
     return ops.cast(ops.expand_dims(table, 0), dtype)
 
@@ -141,9 +146,7 @@ def rotary(x):
     dtype = x.dtype
     x = ops.cast(x, "float32")
     half = x.shape[-1] // 2
-    rates = ops.exp(ops.arange(half, dtype="float32") * (-math.log(10000.0) / half))
-    steps = ops.cast(ops.arange(ops.shape(x)[1]), "float32")
-    angles = ops.expand_dims(steps, -1) * ops.expand_dims(rates, 0)  # (T, H/2)
+    angles = _position_angles(ops.shape(x)[1], x.shape[-1])  # (T, H/2)
     cos = ops.expand_dims(ops.expand_dims(ops.cos(angles), 0), 2)  # (1, T, 1, H/2)
     sin = ops.expand_dims(ops.expand_dims(ops.sin(angles), 0), 2)
     first, second = x[..., :half], x[..., half:]

@@ -1133,15 +1133,11 @@ def _check_for_branch(name, array, shape, branch):
     """
     max_length = getattr(branch, "position_rows", getattr(branch, "max_length", None))
     if max_length is not None and len(shape) in (2, 3, 4):
+        steps = branch.token_count(shape)
         if len(shape) == 4:
-            ph, pw = getattr(branch, "patch_size", (1, 1))
-            steps, what = (shape[1] // ph) * (shape[2] // pw), "image patches"
+            what = "image patches"
         else:
-            steps, what = shape[1], "steps"
-            patch = getattr(branch, "patch_length", None)
-            if patch is not None and len(shape) == 3:
-                stride = getattr(branch, "patch_stride", None) or patch
-                steps, what = max(shape[1] - patch, 0) // stride + 1, "patches"
+            what = "patches" if getattr(branch, "patch_length", None) else "steps"
         if steps > max_length:
             raise ValueError(
                 f"Input {name!r} has {steps} {what}, more than branch '{branch.name}' takes "
