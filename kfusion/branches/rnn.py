@@ -45,8 +45,8 @@ class RNN(BaseBranch):
 
     minGRU and minLSTM gates depend on the input only, so the whole sequence
     is computed at once (a log-space parallel scan, no loop over the steps):
-    for long sequences they train many times faster than the LSTM or GRU
-    (benchmarks/RESULTS.md, "Long sequences"). A single layer is a linear
+    at 1,024 steps a minGRU layer trains about 1.6x the samples/s of keras'
+    LSTM on one CPU thread (benchmarks/RESULTS.md, "Long sequences"). A single layer is a linear
     recurrence in its state; stacking layers (`num_layers >= 2`) adds depth.
 
     Under mixed precision the LSTM and GRU layers (their sigmoid gates and the
