@@ -2,8 +2,9 @@
 
     python benchmarks/serving.py [--threads 1] [--rounds 5] [--calls 40]
 
-The network is the one of `benchmarks/run.py` (CNN 64-64 | LSTM 64 | Transformer 64x2,
-concat fusion, 10 classes, inputs (64, 32)) in kfusion and in plain PyTorch. Contenders:
+The network is the one of `benchmarks/run.py` (`benchmarks/_models.py`: CNN 64-64 | LSTM 64 |
+Transformer 64x2, concat fusion, 10 classes, inputs (64, 32)) in kfusion and in plain PyTorch.
+Contenders:
 
 - kfusion on TensorFlow: `model.predict`, `model.serve(x, jit_compile=False)` (a
   `tf.function` graph), `model.serve(x)` (the same with XLA), the SavedModel's
@@ -56,7 +57,7 @@ def set_threads(threads):
 def torch_model():
     """The network in plain PyTorch: benchmarks/run.py's, with the softmax served here."""
     import torch
-    from run import torch_model as logits_model
+    from _models import torch_model as logits_model
 
     class Net(torch.nn.Module):
         def __init__(self):
