@@ -2,6 +2,8 @@
 
 A section lives between `<!-- section:NAME -->` and `<!-- /section:NAME -->`; writing it
 again replaces what is between the markers, and a section not there yet is appended.
+`read_sections` lists a file's sections, so that a script rewriting the whole file can put
+back those that other scripts wrote.
 """
 
 import os
@@ -22,3 +24,13 @@ def write_section(path, name, text):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(new)
     os.replace(tmp, path)
+
+
+def read_sections(path):
+    """[(name, text)] of the marked sections in the file at `path`, in order ([] if none)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return []
+    text = open(path, encoding="utf-8").read()
+    found = re.finditer(r"<!-- section:(\S+?) -->\n(.*?)\n<!-- /section:\1 -->", text, re.S)
+    return [(m.group(1), m.group(2)) for m in found]

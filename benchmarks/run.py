@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 
+from _marked import read_sections, write_section
 from _models import BATCH, CLASSES, F, T
 from _timing import run_worker, serve_torch
 from run_tables import (
@@ -150,13 +151,24 @@ def main(argv=None):
     saved = run_header(rounds, steps)
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(dict(saved, sections=sections), f, indent=2)
-    write_markdown(sections, rounds, steps, saved["date"], saved["versions"])
+    write_markdown(sections, rounds, steps, saved["date"], saved["versions"], host=saved["machine"])
 
 
 def run_header(rounds, steps):
     """What every saved run records beside its results: versions, date and run lengths."""
     today = datetime.date.today().isoformat()
-    return {"versions": versions(), "date": today, "rounds": rounds, "steps": steps}
+    header = {"versions": versions(), "date": today, "rounds": rounds, "steps": steps}
+    return header | {"machine": machine()}
+
+
+def machine():
+    """The machine a run times on, as RESULTS.md describes it (saved with the results)."""
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu_name(),
+        "system": platform.system(),
+        "release": platform.release(),
+    }
 
 
 def render(folder=HERE):
@@ -170,6 +182,7 @@ def render(folder=HERE):
         saved["date"],
         saved["versions"],
         folder=folder,
+        host=saved.get("machine"),
     )
 
 
@@ -184,16 +197,21 @@ def cpu_name():
         return platform.machine()
 
 
-def markdown(sections, rounds, steps, date, v, folder=HERE):
-    """RESULTS.md's text: the run's header, each table's part, the GPU section, NOTES.md."""
+def markdown(sections, rounds, steps, date, v, folder=HERE, host=None):
+    """RESULTS.md's text: the run's header, each table's part, the GPU section, NOTES.md.
+
+    `host` is the saved `machine()` of the run; results saved before it was recorded are
+    described with this machine's.
+    """
+    host = host or machine()
     notes_path = os.path.join(folder, "NOTES.md")
     notes = open(notes_path).read() if os.path.exists(notes_path) else ""
     header = f"""# kfusion benchmarks
 
 Written by `python benchmarks/run.py` on {date}.
 
-- Machine: {os.cpu_count()} CPU cores ({cpu_name()}), {platform.system()}
-  {platform.release()}; no GPU lent to the session that ran this (see "GPU" below).
+- Machine: {host["cores"]} CPU cores ({host["cpu"]}), {host["system"]}
+  {host["release"]}; no GPU lent to the session that ran this (see "GPU" below).
 - Versions: {", ".join(f"{k} {val}" for k, val in v.items())}.
 - Network: three branches on one (batch {BATCH}, T={T}, F={F}) input: Conv1D x2 (64) | LSTM 64 |
   two Transformer blocks (d=64, 4 heads) -> fusion -> Dense({CLASSES}).
@@ -207,10 +225,15 @@ Written by `python benchmarks/run.py` on {date}.
     return "\n\n".join(parts + [gpu.markdown(folder), notes]) + "\n"
 
 
-def write_markdown(sections, rounds, steps, date, v, folder=HERE):
-    md = markdown(sections, rounds, steps, date, v, folder=folder)
-    with open(os.path.join(folder, "RESULTS.md"), "w") as f:
+def write_markdown(sections, rounds, steps, date, v, folder=HERE, host=None):
+    """Rewrite RESULTS.md, keeping the marked sections other benchmarks wrote (`_marked`)."""
+    path = os.path.join(folder, "RESULTS.md")
+    kept = read_sections(path)
+    md = markdown(sections, rounds, steps, date, v, folder=folder, host=host)
+    with open(path, "w") as f:
         f.write(md)
+    for name, text in kept:
+        write_section(path, name, text)
     print(md)
 
 
