@@ -165,6 +165,10 @@ class ExportResult(str):
 def _input_specs(model):
     specs = getattr(model, "input_specs", None)
     if specs:
+        if getattr(model, "missing_modalities", False):
+            # The presence flags (`"<name>_present"`, bool (batch,)) are inputs too.
+            flags = [{"name": f"{s['name']}_present", "shape": [], "dtype": "bool"} for s in specs]
+            return list(specs) + flags
         return specs
     inputs = model.inputs
     return [
@@ -321,7 +325,9 @@ def probe_batch(model, batch_size=2, seed=0):
     for spec in _input_specs(model):
         shape = (batch_size,) + tuple(d if d is not None else 8 for d in spec["shape"])
         dtype = spec["dtype"]
-        if dtype.startswith(("int", "uint")):
+        if dtype == "bool":
+            out[spec["name"]] = rng.random(size=shape) < 0.7
+        elif dtype.startswith(("int", "uint")):
             out[spec["name"]] = rng.integers(1, 3, size=shape).astype(dtype)
         else:
             out[spec["name"]] = rng.normal(size=shape).astype(dtype)

@@ -15,7 +15,18 @@ from kfusion.cli._common import UserError
 
 # The model's spec keys: `kfusion.models._spec.MODEL_KEYS` (a test checks they agree),
 # repeated here so that the spec is checked before Keras loads.
-MODEL_KEYS = ("inputs", "branches", "fusion", "head", "name", "fusion_units", "branch_dropout")
+MODEL_KEYS = (
+    "inputs",
+    "branches",
+    "fusion",
+    "head",
+    "name",
+    "fusion_units",
+    "branch_dropout",
+    "feature_norm",
+    "missing_modalities",
+    "modality_dropout",
+)
 TRAIN_KEYS = (
     "optimizer",
     "learning_rate",

@@ -10,6 +10,7 @@ from kfusion.layers.input_normalization import InputNormalization
 from kfusion.layers.low_rank_fusion import LowRankFusion
 from kfusion.layers.min_gru import MinGRU
 from kfusion.layers.min_lstm import MinLSTM
+from kfusion.layers.missing_modalities import MissingModalities
 from kfusion.layers.patch_embedding import PatchEmbedding
 from kfusion.layers.position_embedding import PositionEmbedding
 from kfusion.layers.transformer_block import TransformerBlock
@@ -26,6 +27,7 @@ __all__ = [
     "LowRankFusion",
     "MinGRU",
     "MinLSTM",
+    "MissingModalities",
     "PatchEmbedding",
     "PositionEmbedding",
     "TransformerBlock",

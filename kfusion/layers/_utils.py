@@ -100,6 +100,23 @@ def softmax_float32(logits, axis=-1):
     return ops.softmax(ops.cast(logits, "float32"), axis=axis)
 
 
+def renormalize(weights, presence):
+    """Branch weights `(batch, M, ...)` renormalised over the present branches.
+
+    `presence` is `(batch, M)` (1 present, 0 absent). Absent branches get weight exactly
+    0 and the present ones keep their ratios; a sample with no branch present keeps its
+    weights unchanged (it is fused from the missing embeddings alone).
+    """
+    weights = ops.cast(weights, "float32")
+    p = ops.cast(presence, "float32")
+    for _ in range(len(weights.shape) - 2):
+        p = ops.expand_dims(p, -1)
+    masked = weights * p
+    total = ops.sum(masked, axis=1, keepdims=True)
+    some = total > 0.0
+    return ops.where(some, masked / ops.where(some, total, 1.0), weights)
+
+
 def sigmoid_float32(logits):
     """Sigmoid computed in float32 whatever the compute dtype."""
     return ops.sigmoid(ops.cast(logits, "float32"))

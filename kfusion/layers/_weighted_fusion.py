@@ -27,7 +27,9 @@ class WeightedFusionBase(keras.layers.Layer):
         shapes = _utils.flatten_shapes(input_shape, self.__class__.__name__)
         return (shapes[0][0], self._output_width(shapes))
 
-    def compute_output_spec(self, inputs, training=None, mask=None, return_weights=False):
+    def compute_output_spec(
+        self, inputs, training=None, mask=None, return_weights=False, presence=None
+    ):
         items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
         shapes = [tuple(h.shape) for h in items]
         fused = keras.KerasTensor(self.compute_output_shape(shapes), dtype=self.compute_dtype)

@@ -97,7 +97,7 @@ class AttentionFusion(WeightedFusionBase):
         self.dropout_layer.build((None, self.units))
         self.built = True
 
-    def call(self, inputs, training=None, mask=None, return_weights=False):
+    def call(self, inputs, training=None, mask=None, return_weights=False, presence=None):
         _checks.check_bool("return_weights", return_weights)
         items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
         projected = ops.stack(
@@ -105,6 +105,8 @@ class AttentionFusion(WeightedFusionBase):
         )  # (batch, M, units)
         scores = self.attention_score(self.attention_hidden(projected))[..., 0]  # (batch, M)
         weights = _utils.softmax_float32(scores, axis=-1)
+        if presence is not None:
+            weights = _utils.renormalize(weights, presence)
         fused = ops.sum(projected * ops.cast(weights[:, :, None], projected.dtype), axis=1)
         fused = self.dropout_layer(fused, training=training)
         if not return_weights:

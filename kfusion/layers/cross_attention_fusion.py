@@ -180,7 +180,7 @@ class CrossAttentionFusion(keras.layers.Layer):
             self.layer_norms.append(layer_norm)
         self.built = True
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None, presence=None):
         items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
         masks = _utils.flatten_masks(mask, len(items))
         if len(masks) != len(items):
@@ -197,11 +197,19 @@ class CrossAttentionFusion(keras.layers.Layer):
             if m is None:
                 m = ops.ones_like(p[..., 0], dtype="bool")
             token_masks.append(ops.cast(m, "bool"))
+        # An absent branch's tokens are no one's keys (its own queries still attend).
+        key_masks = token_masks
+        if presence is not None:
+            present = ops.cast(presence, "bool")
+            key_masks = [
+                ops.logical_and(m, ops.expand_dims(present[:, i], -1))
+                for i, m in enumerate(token_masks)
+            ]
         pooled = []
         for i, (query, query_mask) in enumerate(zip(tokens, token_masks)):
             others = [j for j in range(len(tokens)) if j != i]
             keys = ops.concatenate([tokens[j] for j in others], axis=1)
-            key_mask = ops.concatenate([token_masks[j] for j in others], axis=1)
+            key_mask = ops.concatenate([key_masks[j] for j in others], axis=1)
             attention_mask = ops.logical_and(
                 ops.expand_dims(query_mask, 2), ops.expand_dims(key_mask, 1)
             )

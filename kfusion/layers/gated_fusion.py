@@ -96,19 +96,25 @@ class GatedFusion(WeightedFusionBase):
         self.dropout_layer.build((None, self.units))
         self.built = True
 
-    def call(self, inputs, training=None, mask=None, return_weights=False):
+    def call(self, inputs, training=None, mask=None, return_weights=False, presence=None):
         _checks.check_bool("return_weights", return_weights)
         items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
         projected = [projection(h) for projection, h in zip(self.projections, items)]
         logits = self.gate(ops.concatenate(items, axis=-1))
-        if len(items) == 2:
+        if len(items) == 2 and presence is None:
             z = _utils.sigmoid_float32(logits)  # (batch, units)
             gates = ops.stack([z, 1.0 - z], axis=1)  # (batch, 2, units)
             z_c = ops.cast(z, projected[0].dtype)
             fused = z_c * projected[0] + (1.0 - z_c) * projected[1]
         else:
-            logits = ops.reshape(logits, (-1, len(items), self.units))
-            gates = _utils.softmax_float32(logits, axis=1)  # (batch, M, units)
+            if len(items) == 2:
+                z = _utils.sigmoid_float32(logits)
+                gates = ops.stack([z, 1.0 - z], axis=1)  # (batch, 2, units)
+            else:
+                logits = ops.reshape(logits, (-1, len(items), self.units))
+                gates = _utils.softmax_float32(logits, axis=1)  # (batch, M, units)
+            if presence is not None:
+                gates = _utils.renormalize(gates, presence)
             stacked = ops.stack(projected, axis=1)
             fused = ops.sum(ops.cast(gates, stacked.dtype) * stacked, axis=1)
         fused = self.dropout_layer(fused, training=training)

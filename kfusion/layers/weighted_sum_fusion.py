@@ -102,19 +102,24 @@ class WeightedSumFusion(WeightedFusionBase):
         self.dropout_layer.build((None, width))
         self.built = True
 
-    def call(self, inputs, training=None, mask=None, return_weights=False):
+    def call(self, inputs, training=None, mask=None, return_weights=False, presence=None):
         _checks.check_bool("return_weights", return_weights)
         items, _ = _utils.flatten_inputs(inputs, self.__class__.__name__)
         if self.projections:
             items = [projection(h) for projection, h in zip(self.projections, items)]
         stacked = ops.stack(items, axis=1)  # (batch, M, width)
         weights = _utils.softmax_float32(self.branch_logits)  # (M,)
-        fused = ops.sum(stacked * ops.cast(weights[None, :, None], stacked.dtype), axis=1)
+        if presence is None:
+            fused = ops.sum(stacked * ops.cast(weights[None, :, None], stacked.dtype), axis=1)
+        else:
+            per_sample = _utils.renormalize(ops.zeros_like(presence) + weights[None, :], presence)
+            fused = ops.sum(stacked * ops.cast(per_sample[:, :, None], stacked.dtype), axis=1)
         fused = self._activation_fn(fused)
         fused = self.dropout_layer(fused, training=training)
         if not return_weights:
             return fused
-        per_sample = ops.zeros_like(ops.cast(stacked[:, :, 0], "float32")) + weights[None, :]
+        if presence is None:
+            per_sample = ops.zeros_like(ops.cast(stacked[:, :, 0], "float32")) + weights[None, :]
         return fused, per_sample
 
     def _output_width(self, shapes):

@@ -30,6 +30,8 @@ MODEL_KEYS = (
     "fusion_units",
     "branch_dropout",
     "feature_norm",
+    "missing_modalities",
+    "modality_dropout",
 )
 INPUT_KEYS = ("shape", "dtype", "mask_value", "normalize")
 _BASE_LAYER_KEYS = ("trainable",)
@@ -193,6 +195,8 @@ def spec_to_kwargs(spec):
         "normalize": normalizers or None,
         "branch_dropout": spec.get("branch_dropout", 0.0),
         "feature_norm": spec.get("feature_norm"),
+        "missing_modalities": spec.get("missing_modalities"),
+        "modality_dropout": spec.get("modality_dropout", 0.0),
     }
     if spec.get("name"):
         kwargs["name"] = spec["name"]
@@ -269,4 +273,8 @@ def model_to_spec(model):
         spec["branch_dropout"] = model.branch_dropout
     if getattr(model, "feature_norm", None):
         spec["feature_norm"] = model.feature_norm
+    if getattr(model, "missing_modalities", False):
+        spec["missing_modalities"] = True
+    if getattr(model, "modality_dropout", 0.0):
+        spec["modality_dropout"] = model.modality_dropout
     return spec

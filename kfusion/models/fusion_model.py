@@ -1,3 +1,4 @@
+import inspect
 import math
 import numbers
 import re
@@ -12,7 +13,8 @@ from kfusion.export import check_signature_name
 from kfusion.layers.branch_dropout import BranchDropout
 from kfusion.layers.input_normalization import MODES as NORMALIZE_MODES
 from kfusion.layers.input_normalization import InputNormalization
-from kfusion.models import _factory, _guards, _spec
+from kfusion.layers.missing_modalities import MissingModalities
+from kfusion.models import _factory, _guards, _presence, _spec
 
 FEATURE_NORMS = (None, "layer")
 
@@ -192,6 +194,24 @@ class FusionModel(keras.Model):
             features with this chance (never all of them; `kf.layers.BranchDropout`),
             so no branch leans on the others and the fused model behaves like an
             ensemble of its branches. Defaults to 0 (off). Not used with one branch.
+        missing_modalities: bool or None. True gives a model with several inputs one
+            presence input per input, `"<name>_present"`: a bool `(batch,)` flag, True
+            where the sample has that modality. An absent modality's branch features are
+            replaced by a learned "missing" embedding (`kf.layers.MissingModalities`),
+            and the fusion layers that weight branches (`"attention"`, `"gated"`,
+            `"weighted"`) renormalise their weights over the present ones;
+            `"cross_attention"` masks the absent branches' tokens as keys. So an absent
+            modality's values change no output. `fit`, `evaluate`, `predict` and `serve`
+            fill the flags in: a flag left out of the input dict means present for every
+            sample, and an input left out means absent for every sample. A sample with
+            every modality absent gets the model's answer from the missing embeddings
+            alone (the same for every such sample). The exported signatures take the
+            flags as inputs. None (the default): True when `modality_dropout` is set.
+        modality_dropout: float in [0, 1), or a dict input name -> rate. In training,
+            each sample loses each present modality with this chance, through the
+            presence flags (never its last present one), so the missing embeddings are
+            learned and the model predicts well with modalities missing. Off at
+            inference. Defaults to 0 (off).
         feature_norm: None or `"layer"`. `"layer"` puts a `LayerNormalization` on each
             branch's features before the fusion layer (named `<branch>_feature_norm`),
             so branches whose features differ in scale (a CNN's ReLU sums against an
@@ -231,6 +251,8 @@ class FusionModel(keras.Model):
         normalize=None,
         branch_dropout=0.0,
         feature_norm=None,
+        missing_modalities=None,
+        modality_dropout=0.0,
         **kwargs,
     ):
         single = kwargs.pop("single_input", None)
@@ -247,6 +269,9 @@ class FusionModel(keras.Model):
         if single is not None:
             is_single = bool(single) and len(input_map) == 1
         names = list(input_map)
+        missing_modalities, modality_rates = _presence.resolve(
+            missing_modalities, modality_dropout, names
+        )
         branch_map = _normalize_branches(branches, names, is_single)
         unique = _unique_layers(branch_map)
         if isinstance(fusion, str):
@@ -271,11 +296,28 @@ class FusionModel(keras.Model):
 
         # === Functional graph ===
         prepared = _prepare_inputs(input_map, mask_values, normalizers)
-        features, owners = [], []
+        features, owners, modalities = [], [], []
         for input_name, items in branch_map.items():
             for branch in items:
                 features.append(_call_branch(branch, prepared[input_name], input_name))
                 owners.append(branch.name)
+                modalities.append(names.index(input_name))
+        presence_map, branch_presence = {}, None
+        if missing_modalities:
+            presence_map = {
+                _presence.presence_name(n): keras.Input(
+                    shape=(), dtype="bool", name=_presence.presence_name(n)
+                )
+                for n in names
+            }
+            rates = [modality_rates[n] for n in names]
+            # The branches' policy (a rebuilt model gets it from their saved configs).
+            features, branch_presence = MissingModalities(
+                modalities,
+                rates=rates if len(set(rates)) > 1 else rates[0],
+                dtype=unique[0].dtype_policy,
+                name="missing_modalities",
+            )(features, list(presence_map.values()))
         fusion_layer = None
         if len(features) == 1:
             fused = features[0]
@@ -288,13 +330,15 @@ class FusionModel(keras.Model):
             _check_feature_ranks(features, fusion_layer, owners, fusion)
             if feature_norm == "layer":
                 features = [
-                    keras.layers.LayerNormalization(name=f"{owner}_feature_norm")(f)
+                    keras.layers.LayerNormalization(
+                        dtype=unique[0].dtype_policy, name=f"{owner}_feature_norm"
+                    )(f)
                     for f, owner in zip(features, owners)
                 ]
             _guards.check_size(fusion_layer, sum(int(f.shape[-1]) for f in features), "fusion")
             if branch_dropout > 0.0:
                 features = BranchDropout(branch_dropout, name="branch_dropout")(features)
-            fused = _call_fusion(fusion_layer, features, fusion)
+            fused = _call_fusion(fusion_layer, features, fusion, branch_presence)
         if head is not None:  # MultiTask: each task's head too
             for part in (head, *getattr(head, "heads", {}).values()):
                 _guards.check_size(part, fused.shape[-1], f"head {part.name!r}")
@@ -305,7 +349,7 @@ class FusionModel(keras.Model):
             outputs = {task: _call_head(sub, fused) for task, sub in head.heads.items()}
         else:
             outputs = _call_head(head, fused)
-        model_inputs = input_map[names[0]] if is_single else input_map
+        model_inputs = input_map[names[0]] if is_single else {**input_map, **presence_map}
         super().__init__(inputs=model_inputs, outputs=outputs, **kwargs)
 
         # === Config ===
@@ -321,6 +365,12 @@ class FusionModel(keras.Model):
         self.normalize = normalizers
         self.branch_dropout = branch_dropout
         self.feature_norm = feature_norm
+        self.missing_modalities = missing_modalities
+        self.modality_dropout = (
+            dict(modality_rates)
+            if len(set(modality_rates.values())) > 1
+            else next(iter(modality_rates.values()))
+        )
         self._branches_as_list = isinstance(branches, (list, tuple)) or isinstance(
             branches, keras.layers.Layer
         )
@@ -360,10 +410,14 @@ class FusionModel(keras.Model):
         on (those before a `validation_split`).
         """
         y = self.encode_labels(y)
+        x = self.complete_inputs(x)
         if "validation_data" in kwargs and isinstance(kwargs["validation_data"], tuple):
             data = kwargs["validation_data"]
             if len(data) >= 2:
-                kwargs["validation_data"] = (data[0], self.encode_labels(data[1])) + data[2:]
+                kwargs["validation_data"] = (
+                    self.complete_inputs(data[0]),
+                    self.encode_labels(data[1]),
+                ) + data[2:]
         self.check_data(x, y)
         if self._normalizations(adapted=False):
             split = kwargs.get("validation_split", 0.0) or 0.0
@@ -377,13 +431,36 @@ class FusionModel(keras.Model):
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate`, after checking `x` (and `y`, as in `fit`)."""
         y = self.encode_labels(y)
+        x = self.complete_inputs(x)
         self.check_data(x, y)
         return super().evaluate(x, y, *args, **kwargs)
 
     def predict(self, x, *args, **kwargs):
         """`keras.Model.predict`, after checking `x` against the model's inputs."""
+        x = self.complete_inputs(x)
         self.check_data(x)
         return super().predict(x, *args, **kwargs)
+
+    def complete_inputs(self, x):
+        """`x` with the presence flags filled in, for a model with `missing_modalities`.
+
+        For a dict of arrays: an input left out is absent for every sample (zeros, flag
+        False), a `"<name>_present"` flag left out is True for every sample, and flags
+        given as 0/1 numbers become bools. Anything else, and any `x` of a model without
+        presence inputs, is returned unchanged.
+
+        Args:
+            x: the inputs, as for `predict`.
+
+        Returns:
+            The inputs, with every presence flag.
+        """
+        if not self.missing_modalities:
+            return x
+        if isinstance(x, (list, tuple)) and len(x) == len(self.input_specs):
+            x = {s["name"]: v for s, v in zip(self.input_specs, x)}
+        specs = {s["name"]: s for s in self.input_specs}
+        return _presence.complete(x, specs, list(specs))
 
     # ------------------------------------------------------------------ labels
     def _class_head(self):
@@ -520,6 +597,7 @@ class FusionModel(keras.Model):
         if x is None or not (isinstance(x, dict) or _is_array_like(x, allow_dict=False)):
             return
         expected = ", ".join(f"{n!r} of shape {_shape_str(s)}" for n, s in specs.items())
+        flags = [_presence.presence_name(n) for n in specs] if self.missing_modalities else []
         if self.single_input:
             (name,) = specs
             if isinstance(x, dict):
@@ -551,7 +629,7 @@ class FusionModel(keras.Model):
                     f"Missing input(s) {missing}. Expected: {expected}. "
                     f"Received keys: {sorted(map(str, x))}"
                 )
-            unknown = [n for n in x if n not in specs]
+            unknown = [n for n in x if n not in specs and n not in flags]
             if unknown:
                 raise ValueError(
                     f"Unknown input name(s) {unknown}. This model's inputs are {list(specs)}."
@@ -559,6 +637,9 @@ class FusionModel(keras.Model):
                 )
         by_name = {layer.name: layer for layer in self.branch_layers}
         rows = {}
+        for name in flags:
+            if name in x:
+                rows[name] = len(_presence.check_flags(name, x[name], None))
         for name, spec in specs.items():
             shape = _check_array(name, x[name], spec)
             for branch_name in self.branch_map[name]:
@@ -594,6 +675,8 @@ class FusionModel(keras.Model):
             "normalize": dict(self.normalize) or None,
             "branch_dropout": self.branch_dropout,
             "feature_norm": self.feature_norm,
+            "missing_modalities": self.missing_modalities,
+            "modality_dropout": self.modality_dropout,
         }
 
     @classmethod
@@ -696,6 +779,7 @@ class FusionModel(keras.Model):
         """
         jit_compile = _checks.check_bool("jit_compile", jit_compile)
         check = _checks.check_bool("check", check)
+        x = self.complete_inputs(x)
         if check:
             self.check_data(x)
         serving = getattr(self, "_serving_functions", None)
@@ -811,6 +895,8 @@ _ARGUMENTS = (
     "normalize",
     "branch_dropout",
     "feature_norm",
+    "missing_modalities",
+    "modality_dropout",
 ) + _MODEL_KWARGS
 
 
@@ -979,10 +1065,10 @@ def _signature_str(signature):
     return f"{(None,) + shape} {dtype}"
 
 
-def _call_in_context(layer, x, context, received=""):
+def _call_in_context(layer, x, context, received="", **kwargs):
     """`layer(x)`; a ValueError/TypeError is re-raised (same class) with `context` first."""
     try:
-        return layer(x)
+        return layer(x, **kwargs)
     except (ValueError, TypeError) as e:
         kind = TypeError if isinstance(e, TypeError) else ValueError
         raise kind(f"{context}: {e}{received}") from e
@@ -1004,11 +1090,19 @@ def _fusion_str(fusion, fusion_layer):
     return repr(fusion) if isinstance(fusion, str) else _layer_str(fusion_layer)
 
 
-def _call_fusion(fusion_layer, features, fusion):
+def _takes_presence(layer):
+    """Whether a fusion layer's `call` takes the branches' presence (`presence=`)."""
+    return "presence" in inspect.signature(layer.call).parameters
+
+
+def _call_fusion(fusion_layer, features, fusion, presence=None):
     shapes = [tuple(f.shape) for f in features]
     context = f"The fusion layer cannot fuse the branch features of shapes {shapes}"
     received = f" Received: fusion={_fusion_str(fusion, fusion_layer)}"
-    return _call_in_context(fusion_layer, features, context, received)
+    kwargs = {}
+    if presence is not None and _takes_presence(fusion_layer):
+        kwargs["presence"] = presence
+    return _call_in_context(fusion_layer, features, context, received, **kwargs)
 
 
 def _call_head(head, fused):
