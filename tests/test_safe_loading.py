@@ -86,6 +86,22 @@ def _fusion_model_case():
     return model, x, model
 
 
+def _missing_modalities_case():
+    model = kf.FusionModel(
+        inputs={"a": keras.Input((5, 3)), "b": keras.Input((4,))},
+        branches={"a": [kf.branches.CNN(filters=(4,))], "b": [kf.branches.MLP(units=(4,))]},
+        fusion="attention",
+        head=kf.heads.Classification(3),
+        modality_dropout=0.2,
+    )
+    layer = model.get_layer("missing_modalities")
+    for v in layer.embeddings:
+        v.assign(RNG.normal(size=v.shape).astype("float32"))
+    x = {"a": _floats(4, 5, 3), "b": _floats(4, 4)}
+    x.update(a_present=np.array([True, False, True, False]), b_present=np.ones(4, bool))
+    return model, x, layer
+
+
 CASES = {
     "AttentionFusion": lambda: _layer_case(kf.layers.AttentionFusion(4), [_floats(4, 3)] * 2),
     "ConcatFusion": lambda: _layer_case(kf.layers.ConcatFusion(4), [_floats(4, 3)] * 2),
@@ -96,6 +112,7 @@ CASES = {
     "GatedFusion": lambda: _layer_case(kf.layers.GatedFusion(4), [_floats(4, 3)] * 3),
     "LowRankFusion": lambda: _layer_case(kf.layers.LowRankFusion(4, rank=2), [_floats(4, 3)] * 2),
     "WeightedSumFusion": lambda: _layer_case(kf.layers.WeightedSumFusion(4), [_floats(4, 3)] * 2),
+    "MissingModalities": _missing_modalities_case,
     "BranchDropout": lambda: _layer_case(kf.layers.BranchDropout(0.3), [_floats(4, 3)] * 2),
     "InputNormalization": lambda: _layer_case(
         kf.layers.InputNormalization("series"), _floats(4, 6, 3)

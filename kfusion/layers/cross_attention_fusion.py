@@ -99,6 +99,9 @@ class CrossAttentionFusion(keras.layers.Layer):
             None or boolean `(batch, T_m)` tensors, True for real steps. Keras
             masks (e.g. from `Embedding(mask_zero=True)`) are passed
             automatically. Masks of vector inputs are ignored.
+        presence: None, or a `(batch, M)` tensor, 1 where branch m is present and 0
+            where it is absent (`kf.layers.MissingModalities`): an absent branch's
+            tokens are no other branch's keys.
 
     Returns:
         A tensor of shape `(batch, M * dim)`: the M pooled branch vectors,

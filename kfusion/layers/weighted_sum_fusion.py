@@ -36,6 +36,10 @@ class WeightedSumFusion(WeightedFusionBase):
         training: bool, whether dropout is active.
         mask: ignored (vector features carry no mask).
         return_weights: bool. Also return the branch weights.
+        presence: None, or a `(batch, M)` tensor, 1 where branch m is present and 0
+            where it is absent (`kf.layers.MissingModalities`): absent branches get
+            weight 0 and the present ones' weights are renormalised to sum to 1 (a
+            sample with none present keeps its weights).
 
     Returns:
         A tensor of shape `(batch, units)` (or `(batch, d)` when

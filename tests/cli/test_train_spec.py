@@ -95,3 +95,10 @@ def test_numbers_yaml_reads_as_strings_are_accepted(tmp_path):
     _, train = read_spec(str(spec))
     assert train["learning_rate"] == 0.001 and train["validation_split"] == 0.25
     assert train["epochs"] == 3 and isinstance(train["epochs"], int)
+
+
+def test_the_cli_knows_every_model_spec_key():
+    from kfusion.cli import _train_spec
+    from kfusion.models import _spec
+
+    assert set(_train_spec.MODEL_KEYS) == set(_spec.MODEL_KEYS)
