@@ -3,6 +3,7 @@ from keras import ops
 
 from kfusion import _checks, _quantization
 from kfusion.layers import _utils
+from kfusion.layers.transformer_block import _fused_attention, _use_fused_attention
 
 # Masked attention logits are replaced by this before the (float32) softmax: exp() of it
 # underflows to exactly 0, so padded keys get exactly zero weight.
@@ -21,8 +22,12 @@ class _Float32SoftmaxAttention(keras.layers.MultiHeadAttention):
     hook always computes the same way: logits in the compute dtype, masking and
     softmax in float32 (fully masked rows get all-zero weights, never NaN), then
     the weights are cast to the compute dtype to combine the values; the
-    returned scores stay float32. Private: `CrossAttentionFusion.build` creates
-    it and its config never gets saved (the owning layer's config rebuilds it).
+    returned scores stay float32. Without active attention dropout and without
+    returned scores, on backends with a fused attention kernel (PyTorch; JAX
+    off CPU), the same masked attention (fully masked rows still give a zero
+    output) is computed by `ops.dot_product_attention` instead. Private:
+    `CrossAttentionFusion.build` creates it and its config never gets saved
+    (the owning layer's config rebuilds it).
     """
 
     def _compute_attention(
@@ -38,6 +43,11 @@ class _Float32SoftmaxAttention(keras.layers.MultiHeadAttention):
         if kwargs.get("use_causal_mask"):
             raise ValueError("This attention layer does not support `use_causal_mask`.")
         # query (B, T, N, H), key/value (B, S, N, H): the layer only sees rank-3 inputs.
+        if _use_fused_attention(self, query, training, return_attention_scores):
+            output = _fused_attention(
+                query, key, value, attention_mask, scale=1.0 / float(self.key_dim) ** 0.5
+            )
+            return output, None
         scale = ops.cast(1.0 / float(self.key_dim) ** 0.5, query.dtype)
         logits = ops.einsum("bsnh,btnh->bnts", key, ops.multiply(query, scale))
         logits = ops.cast(logits, "float32")

@@ -1,8 +1,84 @@
+import functools
+
 import keras
 from keras import ops
 
 from kfusion import _checks, _quantization
 from kfusion.layers import _utils
+
+# Which attention path kfusion's attention layers take: None (each backend's default, see
+# `_fused_by_default`), "explicit" (einsum logits, float32 masked softmax) or "fused"
+# (`ops.dot_product_attention` wherever it applies). Benchmarks and tests set it to compare
+# the two.
+_ATTENTION_PATH = None
+
+
+def _use_fused_attention(layer, query, training, return_attention_scores):
+    """Whether a `MultiHeadAttention` call uses `_fused_attention`.
+
+    Only when no dropout is applied to the attention weights in this call
+    (rate 0, or not training) and the weights are not returned. Never for
+    float16 queries on JAX's CPU: its `dot_product_attention` asks XLA for a
+    float16 x float16 -> float32 product, which compiled CPU code lacks.
+    """
+    if _ATTENTION_PATH == "explicit" or return_attention_scores:
+        return False
+    if layer._dropout > 0.0 and training:
+        return False
+    if keras.backend.standardize_dtype(query.dtype) == "float16" and _jax_on_cpu():
+        return False
+    return _ATTENTION_PATH == "fused" or _fused_by_default()
+
+
+@functools.cache
+def _jax_on_cpu():
+    if keras.backend.backend() != "jax":
+        return False
+    return keras.distribution.list_devices()[0].startswith("cpu")
+
+
+@functools.cache
+def _fused_by_default():
+    """Whether this backend has a fused attention kernel for `_fused_attention` to reach.
+
+    PyTorch: yes (`scaled_dot_product_attention` picks a flash or memory-efficient
+    kernel, on CPU too). JAX: on GPU and TPU (cuDNN flash attention, Splash
+    attention); on CPU its `dot_product_attention` is the explicit computation
+    with a `(B, N, T, S)` mask materialized, which measured slower and larger
+    (benchmarks/attention_memory.py). TensorFlow: no, keras' TensorFlow
+    `dot_product_attention` is that same explicit computation.
+    """
+    backend = keras.backend.backend()
+    return backend == "torch" or (backend == "jax" and not _jax_on_cpu())
+
+
+def _fused_attention(query, key, value, attention_mask, scale):
+    """Masked attention through `keras.ops.dot_product_attention`.
+
+    Args:
+        query: `(B, T, N, H)` tensor.
+        key: `(B, S, N, H)` tensor.
+        value: `(B, S, N, H)` tensor.
+        attention_mask: None or a bool tensor broadcastable to `(B, T, S)`
+            (e.g. `(B, 1, S)` for a key padding mask), True where a query may
+            attend a key.
+        scale: float multiplying the logits.
+
+    Returns:
+        `(B, T, N, H)` tensor. A query row whose keys are all masked gets
+        exactly zero output (the explicit path's all-zero weights), never NaN
+        or an average: the fused call sees that row unmasked and its output is
+        zeroed afterwards.
+    """
+    mask = valid = None
+    if attention_mask is not None:
+        mask = ops.cast(attention_mask, "bool")
+        valid = ops.any(mask, axis=-1, keepdims=True)  # (B, T or 1, 1)
+        mask = ops.expand_dims(ops.logical_or(mask, ops.logical_not(valid)), axis=1)
+    output = ops.dot_product_attention(query, key, value, mask=mask, scale=float(scale))
+    if valid is not None:
+        output = ops.where(ops.expand_dims(valid, -1), output, ops.zeros_like(output))
+    return output
 
 
 class _Float32SoftmaxAttention(keras.layers.MultiHeadAttention):
@@ -15,6 +91,12 @@ class _Float32SoftmaxAttention(keras.layers.MultiHeadAttention):
     sum. Masked positions get probability 0, so a fully masked row (a padded
     query) gives a zero attention output instead of NaN or a uniform average.
     Private: it is created by `TransformerBlock` and never serialized alone.
+
+    Without active attention dropout and without returned scores (inference,
+    or training with `dropout=0`), on backends with a fused attention kernel
+    (`_fused_by_default`), the output is computed by `_fused_attention`
+    (`ops.dot_product_attention`) with the same masking and fully-masked-row
+    rule.
     """
 
     def _compute_attention(
@@ -29,6 +111,11 @@ class _Float32SoftmaxAttention(keras.layers.MultiHeadAttention):
     ):
         if getattr(self, "rotary", False):
             query, key = _utils.rotary(query), _utils.rotary(key)
+        if _use_fused_attention(self, query, training, return_attention_scores):
+            output = _fused_attention(
+                query, key, value, attention_mask, scale=self._inverse_sqrt_key_dim
+            )
+            return output, None
         query = ops.cast(query, "float32") * self._inverse_sqrt_key_dim
         scores = ops.einsum(self._dot_product_equation, ops.cast(key, "float32"), query)
         if attention_mask is not None:
@@ -74,6 +161,14 @@ class TransformerBlock(keras.layers.Layer):
     Under mixed precision the attention scores, the softmax and the layer
     normalisation statistics are computed in float32; the output is in the
     policy's compute dtype.
+
+    Without attention dropout in a call (inference, or `dropout=0`) the
+    attention runs through `keras.ops.dot_product_attention` on PyTorch and
+    on JAX off CPU, reaching their fused kernels (PyTorch's flash-attention
+    kernel keeps memory O(T) instead of O(T^2), on CPU too); otherwise, and
+    on TensorFlow (keras has no fused TensorFlow kernel), it is written out.
+    Both give the same result; a sample whose steps are all padding gets
+    all-zero attention weights (never NaN) on either path.
 
     Args:
         num_heads: int >= 1. Number of attention heads.
@@ -212,11 +307,10 @@ class TransformerBlock(keras.layers.Layer):
             padding_mask = mask
         attention_mask = None
         if padding_mask is not None:
-            keys = ops.cast(padding_mask, "bool")
-            # (batch, T, S): every query may attend every real key, never a padded one.
-            attention_mask = ops.logical_and(
-                ops.expand_dims(keys, 1), ops.expand_dims(ops.ones_like(keys), 2)
-            )
+            # (batch, 1, S): every query may attend every real key, never a padded one.
+            # Kept unbroadcast so that no (T, S) mask is materialized (the fused kernel
+            # then needs O(T) memory for it, not O(T^2)).
+            attention_mask = ops.expand_dims(ops.cast(padding_mask, "bool"), 1)
 
         x = inputs
         h = self.attention_norm(x) if self.norm_first else x

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from kfusion.layers import TransformerBlock
+from kfusion.layers import TransformerBlock, cross_attention_fusion, transformer_block
 from tests import helpers
 from tests.conftest import BACKEND, requires_tensorflow
 
@@ -323,3 +323,136 @@ def test_save_and_load_mixed_float16(x, tmp_path):
     helpers.check_saving_mixed_float16(
         TransformerBlock(2, 16, norm_first=False), x, tmp_path, atol=1e-3
     )
+
+
+# --- fused (ops.dot_product_attention) and explicit attention paths -------------------
+
+
+def _both_paths(monkeypatch, fn, expect_fused=True):
+    """`fn()` on the explicit path, then on the fused one (counting the fused calls)."""
+    calls = []
+    fused = transformer_block._fused_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_block, "_fused_attention", counting)
+    monkeypatch.setattr(cross_attention_fusion, "_fused_attention", counting)
+    monkeypatch.setattr(transformer_block, "_ATTENTION_PATH", "explicit")
+    explicit = helpers.as_numpy(fn()).astype("float32")
+    assert not calls
+    monkeypatch.setattr(transformer_block, "_ATTENTION_PATH", "fused")
+    out = helpers.as_numpy(fn()).astype("float32")
+    assert bool(calls) == expect_fused, calls
+    return explicit, out
+
+
+def test_fused_attention_matches_explicit_path(monkeypatch, x):
+    """Padded keys, a fully padded sample (zero rows, no NaN), rotary positions, odd scale."""
+    layer = TransformerBlock(2, 16, key_dim=6, rotary=True)
+    layer(x)
+    padding = _lengths_mask([6, 4, 1, 0], T).astype(bool)
+    h = helpers.as_numpy(layer.attention_norm(x))
+    explicit, fused = _both_paths(
+        monkeypatch, lambda: layer.attention(h, h, attention_mask=padding[:, None, :])
+    )
+    np.testing.assert_allclose(fused, explicit, rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(fused))
+    # No key to attend: zero context, so the output is the output projection's bias.
+    bias = layer.attention.output_dense.get_weights()[1]
+    np.testing.assert_array_equal(fused[3], np.broadcast_to(bias, fused[3].shape))
+    explicit, fused = _both_paths(
+        monkeypatch, lambda: layer(x, padding_mask=padding.astype("int32"))
+    )
+    np.testing.assert_allclose(fused, explicit, rtol=1e-5, atol=1e-5)
+
+    # Cross-attention's mask has fully masked rows for padded queries: zero rows there too.
+    attention = cross_attention_fusion._Float32SoftmaxAttention(num_heads=2, key_dim=3)
+    keys = x[:, :4]
+    mask = padding[:, :, None] & np.array([True, True, True, False])[None, None, :]
+    explicit, fused = _both_paths(monkeypatch, lambda: attention(x, keys, attention_mask=mask))
+    np.testing.assert_allclose(fused, explicit, rtol=1e-5, atol=1e-5)
+    bias = attention.output_dense.get_weights()[1]
+    np.testing.assert_array_equal(fused[~padding], np.broadcast_to(bias, fused[~padding].shape))
+
+
+def test_fused_attention_only_without_active_dropout(monkeypatch, x):
+    calls = []
+    fused = transformer_block._fused_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_block, "_fused_attention", counting)
+    monkeypatch.setattr(transformer_block, "_ATTENTION_PATH", "fused")
+    layer = TransformerBlock(2, 16, dropout=0.5)
+    layer(x, training=True)
+    assert not calls  # dropout on the attention weights needs them explicitly
+    layer(x, training=False)
+    assert len(calls) == 1
+    h = layer.attention_norm(x)
+    _, scores = layer.attention(h, h, return_attention_scores=True)
+    assert len(calls) == 1 and tuple(scores.shape) == (B, 2, T, T)
+
+
+def test_default_attention_path_per_backend(monkeypatch, x):
+    """Fused where the backend has a fused kernel (PyTorch; JAX off CPU), else explicit."""
+    calls = []
+    fused = transformer_block._fused_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_block, "_fused_attention", counting)
+    TransformerBlock(2, 16)(x)
+    jax_off_cpu = BACKEND == "jax" and not keras.distribution.list_devices()[0].startswith("cpu")
+    assert bool(calls) == (BACKEND == "torch" or jax_off_cpu)
+
+
+def test_fused_attention_training_step_matches_explicit_path(monkeypatch, x):
+    """One SGD step through the fused path gives the explicit path's gradients."""
+    y = np.ones((B, 1), "float32")
+    padding = _lengths_mask([6, 4, 2, 1], T)
+
+    def step():
+        keras.utils.set_random_seed(7)
+        tokens = keras.Input((T, D))
+        mask = keras.Input((T,), dtype="int32")
+        h = TransformerBlock(2, 16, rotary=True)(tokens, padding_mask=mask)
+        out = keras.layers.Dense(1)(keras.layers.Flatten()(h))
+        model = keras.Model([tokens, mask], out)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit([x, padding], y, batch_size=B, epochs=1, verbose=0)
+        return keras.ops.concatenate([keras.ops.reshape(w, (-1,)) for w in model.weights])
+
+    explicit, fused = _both_paths(monkeypatch, step)
+    np.testing.assert_allclose(fused, explicit, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy, atol", [("mixed_float16", 1e-2), ("mixed_bfloat16", 3e-2)])
+def test_fused_attention_precision_under_mixed_policy(monkeypatch, rng, policy, atol):
+    """The fused path stays as close to the float32 result as the compute dtype allows.
+
+    JAX on CPU keeps the explicit path for float16 (XLA:CPU has no float16 x float16 ->
+    float32 product, which its dot_product_attention asks for under jit).
+    """
+    x = rng.normal(size=(2, 32, D)).astype("float32")
+    padding = _lengths_mask([32, 20], 32).astype(bool)[:, None, :]
+    reference = TransformerBlock(2, 16, key_dim=3)
+    reference(x)
+    monkeypatch.setattr(transformer_block, "_ATTENTION_PATH", "explicit")
+    expected = helpers.as_numpy(reference.attention(x, x, attention_mask=padding))
+    layer = TransformerBlock(2, 16, key_dim=3, dtype=policy)
+    layer(x)
+    layer.set_weights(reference.get_weights())
+    expect_fused = not (BACKEND == "jax" and policy == "mixed_float16")
+    explicit, fused = _both_paths(
+        monkeypatch, lambda: layer.attention(x, x, attention_mask=padding), expect_fused
+    )
+    explicit_error = np.abs(explicit - expected).max()
+    fused_error = np.abs(fused - expected).max()
+    assert np.all(np.isfinite(fused))
+    assert fused_error <= atol, (fused_error, explicit_error)
