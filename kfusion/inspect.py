@@ -15,7 +15,7 @@ GRAPHVIZ_HINT = (
     "(`pip install pydot` and `apt-get install graphviz`, or `brew install graphviz`)."
 )
 
-__all__ = ["ablation", "branch_labels", "branch_weights", "plot"]
+__all__ = ["ablation", "branch_accuracy", "branch_labels", "branch_weights", "plot"]
 
 
 def plot(model, path, show_shapes=True, dpi=96, **kwargs):
@@ -272,6 +272,61 @@ def ablation(model, x, y, batch_size=256):
         _, score = _score(head, y, predict(ablated))
         report["branches"][label] = {"score": score, "drop": baseline - score}
     return report
+
+
+def branch_accuracy(model, x, y, batch_size=256):
+    """Each branch's own score, from its auxiliary head, beside the fused model's.
+
+    A model built with `aux_loss_weight > 0` trains one auxiliary head per branch on
+    that branch's features alone (`kf.layers.AuxiliaryHeads`), so each branch's own
+    accuracy can be read directly: how well each modality predicts by itself, and how
+    much the fusion adds. Scores as in `ablation`: accuracy for `Classification`, binary
+    accuracy for `MultiLabel`, negative MSE otherwise.
+
+    Args:
+        model: a FusionModel with `aux_loss_weight > 0`.
+        x: inputs (an array or a dict of arrays).
+        y: targets.
+        batch_size: int.
+
+    Returns:
+        A dict: `"metric"`, `"fused"` (the model's score) and `"branches"` (branch name ->
+        its auxiliary head's score).
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> import kfusion as kf
+    >>> model = kf.FusionModel(
+    ...     inputs={"a": keras.Input((6,)), "b": keras.Input((6,))},
+    ...     branches={
+    ...         "a": kf.branches.MLP(units=(4,), name="mlp_a"),
+    ...         "b": kf.branches.MLP(units=(4,), name="mlp_b"),
+    ...     },
+    ...     head=kf.heads.Classification(2),
+    ...     aux_loss_weight=0.5,
+    ... )
+    >>> x = {k: np.random.normal(size=(8, 6)).astype("float32") for k in "ab"}
+    >>> report = kf.inspect.branch_accuracy(model, x, np.arange(8) % 2)
+    >>> report["metric"], sorted(report["branches"])
+    ('accuracy', ['mlp_a', 'mlp_b'])
+    """
+    if not getattr(model, "aux_loss_weight", 0.0):
+        raise ValueError(
+            "branch_accuracy reads the auxiliary heads of a FusionModel built with "
+            "aux_loss_weight > 0; for another model use kfusion.inspect.ablation(model, x, y)."
+            f" Received: model={model!r}"
+        )
+    batch_size = _check_inputs(model, model.complete_inputs(x), batch_size)
+    predictions = model.branch_predictions(x, batch_size=batch_size)
+    fused = model.predict(x, batch_size=batch_size, verbose=0)
+    _check_targets(model.head, y, len(fused))
+    metric, score = _score(model.head, y, fused)
+    return {
+        "metric": metric,
+        "fused": score,
+        "branches": {n: _score(model.head, y, p)[1] for n, p in predictions.items()},
+    }
 
 
 def _check_targets(head, y, rows):

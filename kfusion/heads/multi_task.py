@@ -1,8 +1,12 @@
 import copy
+import math
+import numbers
 
 import keras
 import numpy as np
+from keras import ops
 
+from kfusion import _checks
 from kfusion.heads._base import BaseHead
 
 
@@ -15,8 +19,17 @@ class MultiTask(keras.layers.Layer):
 
         out[t] = head_t(x)                    for each task name t
 
-    The total loss of a model built on it is the (optionally weighted) sum of the task
-    losses, which keras computes from the loss dict returned by `default_loss()`.
+    The total loss of a model built on it is the weighted sum of the task losses,
+    `sum_t w_t L_t` with `loss_weights` (default 1 each), which keras computes from the
+    loss dict returned by `default_loss()`. With `uncertainty_weighting=True` the weights
+    are learned instead, from one log variance s_t per task (homoscedastic task
+    uncertainty, Kendall, Gal and Cipolla 2018, *Multi-task learning using uncertainty to
+    weigh losses*):
+
+        loss = sum_t exp(-s_t) * w_t * L_t + s_t           (s_t trainable, 0 at first)
+
+    so a task whose loss stays high (noisy, or on another scale) gets a smaller weight,
+    and the `+ s_t` term keeps the weights from collapsing to 0. `FusionModel` computes it.
 
     Args:
         heads: dict mapping task names (valid Python identifiers) to kfusion heads
@@ -25,6 +38,11 @@ class MultiTask(keras.layers.Layer):
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...). A `dtype`
             here is this layer's own; each task head keeps the policy it was made with
             (under a global mixed precision policy set first, all of them follow it).
+        loss_weights: None or a dict task name -> weight (a number >= 0; tasks left out
+            weigh 1): the weight of each task's loss. `FusionModel.compile` passes them
+            to keras unless `compile(loss_weights=...)` is given.
+        uncertainty_weighting: bool, learn the task weights (see above). Defaults to
+            False.
 
     Call arguments:
         inputs: float tensor of shape `(batch, D)`.
@@ -47,10 +65,15 @@ class MultiTask(keras.layers.Layer):
     ['label', 'score']
     """
 
-    def __init__(self, heads, **kwargs):
+    def __init__(self, heads, loss_weights=None, uncertainty_weighting=False, **kwargs):
         heads = _check_heads(heads)
+        loss_weights = _check_loss_weights(loss_weights, heads)
+        uncertainty_weighting = _checks.check_bool("uncertainty_weighting", uncertainty_weighting)
         super().__init__(**kwargs)
         self.heads = heads
+        self.loss_weights = loss_weights
+        self.uncertainty_weighting = uncertainty_weighting
+        self.log_variances = None
         self.supports_masking = True
         if not self.trainable:
             # Sub-layers made after `Layer.__init__` do not inherit `trainable=False`;
@@ -63,6 +86,14 @@ class MultiTask(keras.layers.Layer):
             # Heads restored by `from_config` may arrive built already.
             if not head.built:
                 head.build(input_shape)
+        if self.uncertainty_weighting:
+            self.log_variances = self.add_weight(
+                shape=(len(self.heads),),
+                initializer="zeros",
+                dtype="float32",
+                autocast=False,
+                name="log_variances",
+            )
         self.built = True
 
     def call(self, inputs, training=None, mask=None):
@@ -80,6 +111,29 @@ class MultiTask(keras.layers.Layer):
     def default_loss(self):
         """A dict task name -> a fresh default loss of that task's head."""
         return {name: head.default_loss() for name, head in self.heads.items()}
+
+    def default_loss_weights(self):
+        """A dict task name -> loss weight (1 for tasks `loss_weights` leaves out)."""
+        given = self.loss_weights or {}
+        return {name: float(given.get(name, 1.0)) for name in self.heads}
+
+    def task_weights(self):
+        """The current weight of each task: `exp(-s_t) * w_t` (or `w_t` without learning)."""
+        weights = self.default_loss_weights()
+        if not self.uncertainty_weighting or self.log_variances is None:
+            return weights
+        s = np.asarray(ops.convert_to_numpy(self.log_variances), "float64")
+        return {name: float(np.exp(-s[i]) * weights[name]) for i, name in enumerate(self.heads)}
+
+    def weighted_loss(self, y, y_pred, sample_weight=None):
+        """`sum_t exp(-s_t) w_t L_t + s_t` with the heads' own losses (uncertainty mode)."""
+        weights = self.default_loss_weights()
+        total = 0.0
+        for i, (name, head) in enumerate(self.heads.items()):
+            task = head.default_loss()(y[name], y_pred[name], sample_weight=sample_weight)
+            s = self.log_variances[i]
+            total = total + ops.exp(-s) * weights[name] * task + s
+        return total
 
     def default_metrics(self):
         """A dict task name -> fresh default metrics (a list) of that task's head."""
@@ -113,6 +167,8 @@ class MultiTask(keras.layers.Layer):
     def get_config(self):
         return {
             **super().get_config(),
+            "loss_weights": None if self.loss_weights is None else dict(self.loss_weights),
+            "uncertainty_weighting": self.uncertainty_weighting,
             "heads": {
                 name: keras.saving.serialize_keras_object(head) for name, head in self.heads.items()
             },
@@ -150,3 +206,34 @@ def _check_heads(heads):
     if problem is not None:
         raise ValueError(f"`heads` must be {problem}. Received: heads={heads!r}")
     return {name: heads[name] for name in sorted(heads)}
+
+
+def _check_loss_weights(loss_weights, heads):
+    """`loss_weights` as a dict task -> float, or None."""
+    if loss_weights is None:
+        return None
+    if not isinstance(loss_weights, dict):
+        raise ValueError(
+            "`loss_weights` must be a dict task name -> weight. "
+            f"Received: loss_weights={loss_weights!r}"
+        )
+    out = {}
+    for task, weight in loss_weights.items():
+        if task not in heads:
+            raise ValueError(
+                f"`loss_weights` names a task that does not exist. Received: loss_weights "
+                f"key {task!r}; tasks are {list(heads)}."
+            )
+        ok = (
+            isinstance(weight, numbers.Real)
+            and not isinstance(weight, bool)
+            and math.isfinite(float(weight))
+            and float(weight) >= 0.0
+        )
+        if not ok:
+            raise ValueError(
+                "`loss_weights` values must be finite numbers >= 0. "
+                f"Received: loss_weights[{task!r}]={weight!r}"
+            )
+        out[task] = float(weight)
+    return out

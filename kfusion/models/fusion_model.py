@@ -6,17 +6,21 @@ import warnings
 
 import keras
 import numpy as np
+from keras import ops
 
 from kfusion import _checks, _quantization
 from kfusion.branches._base import is_integer_dtype
 from kfusion.export import check_signature_name
+from kfusion.layers.auxiliary_heads import AuxiliaryHeads
 from kfusion.layers.branch_dropout import BranchDropout
+from kfusion.layers.gradient_modulation import GradientModulation
 from kfusion.layers.input_normalization import MODES as NORMALIZE_MODES
 from kfusion.layers.input_normalization import InputNormalization
 from kfusion.layers.missing_modalities import MissingModalities
 from kfusion.models import _factory, _guards, _presence, _spec
 
 FEATURE_NORMS = (None, "layer")
+BALANCES = (None, "ogm")
 
 
 def _input_spec(tensor, name):
@@ -212,6 +216,22 @@ class FusionModel(keras.Model):
             presence flags (never its last present one), so the missing embeddings are
             learned and the model predicts well with modalities missing. Off at
             inference. Defaults to 0 (off).
+        aux_loss_weight: float >= 0. Above 0, one auxiliary head per branch (a copy of
+            `head`'s config, `kf.layers.AuxiliaryHeads`) is trained on that branch's
+            features alone, jointly with the fused head: the loss becomes
+            `loss + aux_loss_weight * sum_m loss_m` (with missing modalities, an absent
+            branch's samples count 0 in its loss). Each branch's auxiliary loss is
+            logged as `aux_<branch>_loss`. The auxiliary heads run in training only:
+            `predict` and exports leave them out; `branch_predictions(x)` gives their
+            predictions. Needs a single-task head and two branches or more. Defaults to
+            0 (off).
+        balance: None or `"ogm"`. `"ogm"` balances the branches' learning with
+            on-the-fly gradient modulation (Peng et al. 2022): a
+            `kf.layers.GradientModulation` layer scales the gradient each branch gets
+            from the fused head, and `kf.callbacks.ModalityBalance` (added by `fit`
+            unless given) slows the branch whose auxiliary head is most confident, once
+            an epoch. Needs `aux_loss_weight > 0` (the confidence comes from the
+            auxiliary heads). Defaults to None.
         feature_norm: None or `"layer"`. `"layer"` puts a `LayerNormalization` on each
             branch's features before the fusion layer (named `<branch>_feature_norm`),
             so branches whose features differ in scale (a CNN's ReLU sums against an
@@ -253,6 +273,8 @@ class FusionModel(keras.Model):
         feature_norm=None,
         missing_modalities=None,
         modality_dropout=0.0,
+        aux_loss_weight=0.0,
+        balance=None,
         **kwargs,
     ):
         single = kwargs.pop("single_input", None)
@@ -262,6 +284,14 @@ class FusionModel(keras.Model):
         fusion_units = _checks.check_int("fusion_units", fusion_units, allow_none=True)
         branch_dropout = _checks.check_rate("branch_dropout", branch_dropout)
         feature_norm = _checks.check_choice("feature_norm", feature_norm, FEATURE_NORMS)
+        aux_loss_weight = _check_aux_loss_weight(aux_loss_weight)
+        balance = _checks.check_choice("balance", balance, BALANCES)
+        if balance is not None and aux_loss_weight == 0.0:
+            raise ValueError(
+                f"`balance={balance!r}` reads each branch's confidence from its auxiliary "
+                "head: set `aux_loss_weight` > 0 too (e.g. 0.5). Received: "
+                f"aux_loss_weight={aux_loss_weight!r}"
+            )
         # === Inputs and branches ===
         input_map, is_single = _normalize_inputs(inputs)
         mask_values = _per_input_option("mask_value", mask_value, input_map)
@@ -302,6 +332,20 @@ class FusionModel(keras.Model):
                 features.append(_call_branch(branch, prepared[input_name], input_name))
                 owners.append(branch.name)
                 modalities.append(names.index(input_name))
+        if aux_loss_weight > 0.0:
+            if len(features) < 2 or head is None or hasattr(head, "heads"):
+                raise ValueError(
+                    "`aux_loss_weight` adds one auxiliary head per branch: it needs two "
+                    "branches or more and a single-task head (Classification, MultiLabel, "
+                    f"Regression). This model has {len(features)} branch(es) and head "
+                    f"{None if head is None else _layer_str(head)}. Received: "
+                    f"aux_loss_weight={aux_loss_weight!r}"
+                )
+        raw_features = features
+        if balance is not None:
+            features = GradientModulation(dtype=unique[0].dtype_policy, name="gradient_modulation")(
+                features
+            )
         presence_map, branch_presence = {}, None
         if missing_modalities:
             presence_map = {
@@ -339,6 +383,12 @@ class FusionModel(keras.Model):
             if branch_dropout > 0.0:
                 features = BranchDropout(branch_dropout, name="branch_dropout")(features)
             fused = _call_fusion(fusion_layer, features, fusion, branch_presence)
+        if aux_loss_weight > 0.0:
+            # Auxiliary heads on the branches' own features (not gradient-modulated),
+            # on the fused features' way to the head: computed in training only.
+            fused = AuxiliaryHeads(head, owners, dtype=head.dtype_policy, name="auxiliary_heads")(
+                fused, raw_features, presence=branch_presence
+            )
         if head is not None:  # MultiTask: each task's head too
             for part in (head, *getattr(head, "heads", {}).values()):
                 _guards.check_size(part, fused.shape[-1], f"head {part.name!r}")
@@ -347,6 +397,8 @@ class FusionModel(keras.Model):
         elif hasattr(head, "heads") and isinstance(head.heads, dict):
             # MultiTask: one output per task, each from its own named layer.
             outputs = {task: _call_head(sub, fused) for task, sub in head.heads.items()}
+            if not head.built:  # its own weights (learned task weights), if any
+                head.build(tuple(fused.shape))
         else:
             outputs = _call_head(head, fused)
         model_inputs = input_map[names[0]] if is_single else {**input_map, **presence_map}
@@ -366,6 +418,10 @@ class FusionModel(keras.Model):
         self.branch_dropout = branch_dropout
         self.feature_norm = feature_norm
         self.missing_modalities = missing_modalities
+        self.aux_loss_weight = aux_loss_weight
+        self.balance = balance
+        if aux_loss_weight > 0.0:
+            self.aux_trackers = [keras.metrics.Mean(name=f"aux_{b}_loss") for b in owners]
         self.modality_dropout = (
             dict(modality_rates)
             if len(set(modality_rates.values())) > 1
@@ -393,6 +449,14 @@ class FusionModel(keras.Model):
         self._check_labels = default_loss is not None and _same_loss(loss, default_loss)
         if metrics is None and self.head is not None:
             metrics = self.head.default_metrics()
+        if getattr(self.head, "loss_weights", None) is not None:
+            kwargs.setdefault("loss_weights", self.head.default_loss_weights())
+        if getattr(self.head, "uncertainty_weighting", False) and not self._check_labels:
+            raise ValueError(
+                "A MultiTask head with `uncertainty_weighting=True` weighs its tasks' own "
+                "losses: compile with loss=None (the default). Received: loss="
+                f"{loss!r}"
+            )
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
     def compile_from_config(self, config):
@@ -426,7 +490,49 @@ class FusionModel(keras.Model):
                 rows = len(next(iter(arrays.values())))
                 keep = int(math.floor(rows * (1.0 - split)))
                 self.adapt({k: v[:keep] for k, v in arrays.items()}, only_unadapted=True)
+        if self.balance is not None:
+            from kfusion.callbacks.modality_balance import ModalityBalance
+
+            callbacks = list(kwargs.get("callbacks") or [])
+            if not any(isinstance(c, ModalityBalance) for c in callbacks):
+                callbacks.append(ModalityBalance())
+            kwargs["callbacks"] = callbacks
         return super().fit(x, y, *args, **kwargs)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The head's loss, plus `aux_loss_weight` times the branches' auxiliary losses.
+
+        With a `MultiTask(uncertainty_weighting=True)` head, the head's loss is its
+        learned weighting of the task losses (`MultiTask.weighted_loss`).
+        """
+        if getattr(self.head, "uncertainty_weighting", False) and y is not None:
+            # Learned task weights (Kendall et al. 2018) replace the compiled sum.
+            loss = self.head.weighted_loss(y, y_pred, sample_weight)
+            for extra in self.losses:
+                loss = loss + self._aggregate_additional_loss(extra)
+        else:
+            loss = super().compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+            )
+        # Trace-time flag read by `get_metrics_result` (same step, same trace).
+        object.__setattr__(self, "_aux_logged", False)
+        if not self.aux_loss_weight or not training:
+            return loss
+        aux = self.get_layer("auxiliary_heads").losses_for(y, sample_weight)
+        if not aux:
+            return loss
+        object.__setattr__(self, "_aux_logged", True)
+        for tracker, value in zip(self.aux_trackers, aux):
+            tracker.update_state(value)
+        return loss + self.aux_loss_weight * ops.sum(ops.stack(aux))
+
+    def get_metrics_result(self):
+        """The logged metrics; the auxiliary losses only where they were computed."""
+        results = super().get_metrics_result()
+        if not getattr(self, "_aux_logged", False):
+            for tracker in getattr(self, "aux_trackers", ()):
+                results.pop(tracker.name, None)
+        return results
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.evaluate`, after checking `x` (and `y`, as in `fit`)."""
@@ -677,6 +783,8 @@ class FusionModel(keras.Model):
             "feature_norm": self.feature_norm,
             "missing_modalities": self.missing_modalities,
             "modality_dropout": self.modality_dropout,
+            "aux_loss_weight": self.aux_loss_weight,
+            "balance": self.balance,
         }
 
     @classmethod
@@ -853,6 +961,32 @@ class FusionModel(keras.Model):
             warnings.filterwarnings("ignore", message=r".*does not have a `quantize` method")
             return super().quantize(mode, config=config, filters=filters, **kwargs)
 
+    def branch_predictions(self, x, **kwargs):
+        """Each branch's own predictions, from its auxiliary head (`aux_loss_weight`).
+
+        Args:
+            x: the inputs, as for `predict`.
+            **kwargs: `predict` arguments (`batch_size`, `verbose`, ...).
+
+        Returns:
+            A dict branch name -> its auxiliary head's predictions (NumPy arrays).
+        """
+        if not self.aux_loss_weight:
+            raise ValueError(
+                "branch_predictions needs the auxiliary heads of a model built with "
+                f"aux_loss_weight > 0. This model has aux_loss_weight={self.aux_loss_weight}."
+            )
+        x = self.complete_inputs(x)
+        self.check_data(x)
+        layer = self.get_layer("auxiliary_heads")
+        node = layer._inbound_nodes[0]
+        features = list(node.arguments.args[1])
+        extractor = keras.Model(self.input, features, name=f"{self.name}_branch_predictions")
+        kwargs.setdefault("verbose", 0)
+        out = extractor.predict(x, **kwargs)
+        preds = layer.branch_predictions([ops.convert_to_tensor(f) for f in out])
+        return {n: np.asarray(ops.convert_to_numpy(p)) for n, p in zip(layer.branch_names, preds)}
+
     def branch_features(self):
         """A `keras.Model` from the inputs to the list of branch features (pre-fusion).
 
@@ -861,7 +995,10 @@ class FusionModel(keras.Model):
             layer receives them.
         """
         if self.fusion_layer is not None:
-            features = list(self.fusion_layer._inbound_nodes[0].input_tensors)
+            # The positional argument only (not a `presence=` tensor).
+            features = list(
+                keras.tree.flatten(self.fusion_layer._inbound_nodes[0].arguments.args[0])
+            )
         elif self.head is not None:
             node = keras.tree.flatten(self.outputs)[0]._keras_history.operation
             features = list(node._inbound_nodes[0].input_tensors)
@@ -897,7 +1034,24 @@ _ARGUMENTS = (
     "feature_norm",
     "missing_modalities",
     "modality_dropout",
+    "aux_loss_weight",
+    "balance",
 ) + _MODEL_KWARGS
+
+
+def _check_aux_loss_weight(value):
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+        and float(value) >= 0.0
+    )
+    if not ok:
+        raise ValueError(
+            "`aux_loss_weight` must be a finite number >= 0 (0: no auxiliary heads). "
+            f"Received: aux_loss_weight={value!r}"
+        )
+    return float(value)
 
 
 def _has_vocabulary(head):
