@@ -102,6 +102,25 @@ def _missing_modalities_case():
     return model, x, layer
 
 
+def _with(case, layer_name):
+    """A model case whose object under test is one of its layers."""
+    model, x, _ = case
+    return model, x, model.get_layer(layer_name)
+
+
+def _loss_fusion_case():
+    model = kf.FusionModel(
+        inputs={"a": keras.Input((5, 3)), "b": keras.Input((4,))},
+        branches={"a": [kf.branches.CNN(filters=(4,))], "b": [kf.branches.MLP(units=(4,))]},
+        head=kf.heads.Classification(3),
+        aux_loss_weight=0.5,
+        balance="ogm",
+    )
+    model.get_layer("gradient_modulation").coefficients.assign([0.5, 1.0])
+    x = {"a": _floats(4, 5, 3), "b": _floats(4, 4)}
+    return model, x, model
+
+
 CASES = {
     "AttentionFusion": lambda: _layer_case(kf.layers.AttentionFusion(4), [_floats(4, 3)] * 2),
     "ConcatFusion": lambda: _layer_case(kf.layers.ConcatFusion(4), [_floats(4, 3)] * 2),
@@ -113,6 +132,8 @@ CASES = {
     "LowRankFusion": lambda: _layer_case(kf.layers.LowRankFusion(4, rank=2), [_floats(4, 3)] * 2),
     "WeightedSumFusion": lambda: _layer_case(kf.layers.WeightedSumFusion(4), [_floats(4, 3)] * 2),
     "MissingModalities": _missing_modalities_case,
+    "AuxiliaryHeads": lambda: _with(_loss_fusion_case(), "auxiliary_heads"),
+    "GradientModulation": lambda: _with(_loss_fusion_case(), "gradient_modulation"),
     "BranchDropout": lambda: _layer_case(kf.layers.BranchDropout(0.3), [_floats(4, 3)] * 2),
     "InputNormalization": lambda: _layer_case(
         kf.layers.InputNormalization("series"), _floats(4, 6, 3)
@@ -147,7 +168,11 @@ CASES = {
     "MultiLabel": lambda: _layer_case(kf.heads.MultiLabel(3), _floats(4, 3)),
     "Regression": lambda: _layer_case(kf.heads.Regression(2), _floats(4, 3)),
     "MultiTask": lambda: _layer_case(
-        kf.heads.MultiTask({"a": kf.heads.Classification(3), "b": kf.heads.Regression()}),
+        kf.heads.MultiTask(
+            {"a": kf.heads.Classification(3), "b": kf.heads.Regression()},
+            loss_weights={"b": 0.5},
+            uncertainty_weighting=True,
+        ),
         _floats(4, 3),
     ),
     "EnsembleAverage": lambda: _layer_case(

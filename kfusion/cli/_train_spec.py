@@ -26,6 +26,8 @@ MODEL_KEYS = (
     "feature_norm",
     "missing_modalities",
     "modality_dropout",
+    "aux_loss_weight",
+    "balance",
 )
 TRAIN_KEYS = (
     "optimizer",

@@ -32,6 +32,8 @@ MODEL_KEYS = (
     "feature_norm",
     "missing_modalities",
     "modality_dropout",
+    "aux_loss_weight",
+    "balance",
 )
 INPUT_KEYS = ("shape", "dtype", "mask_value", "normalize")
 _BASE_LAYER_KEYS = ("trainable",)
@@ -197,6 +199,8 @@ def spec_to_kwargs(spec):
         "feature_norm": spec.get("feature_norm"),
         "missing_modalities": spec.get("missing_modalities"),
         "modality_dropout": spec.get("modality_dropout", 0.0),
+        "aux_loss_weight": spec.get("aux_loss_weight", 0.0),
+        "balance": spec.get("balance"),
     }
     if spec.get("name"):
         kwargs["name"] = spec["name"]
@@ -277,4 +281,8 @@ def model_to_spec(model):
         spec["missing_modalities"] = True
     if getattr(model, "modality_dropout", 0.0):
         spec["modality_dropout"] = model.modality_dropout
+    if getattr(model, "aux_loss_weight", 0.0):
+        spec["aux_loss_weight"] = model.aux_loss_weight
+    if getattr(model, "balance", None):
+        spec["balance"] = model.balance
     return spec
