@@ -16,8 +16,12 @@ def read_npz(path):
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def load_data(path, input_specs, label):
-    """`(x, y)` from a .npz or .csv file; `input_specs` are the model's (name, shape)."""
+def load_data(path, input_specs, label, presence=False):
+    """`(x, y)` from a .npz or .csv file; `input_specs` are the model's (name, shape).
+
+    With `presence` (a model with missing modalities), a .npz may leave inputs out (absent
+    for every sample) and may hold `"<name>_present"` flag arrays, which are passed on.
+    """
     import numpy as np
 
     if not os.path.isfile(path):
@@ -29,9 +33,10 @@ def load_data(path, input_specs, label):
             raise UserError(f"{path} has no label array {label!r} (arrays: {sorted(arrays)})")
         y = arrays.pop(label)
         missing = [n for n in inputs if n not in arrays]
-        if missing:
+        if missing and (not presence or len(missing) == len(inputs)):
             raise UserError(f"{path} has no array for input(s) {missing}; arrays: {sorted(arrays)}")
-        x = {n: arrays[n] for n in inputs}
+        x = {n: arrays[n] for n in inputs if n in arrays}
+        flags = {f"{n}_present": arrays[f"{n}_present"] for n in inputs if f"{n}_present" in arrays}
     elif path.endswith(".csv"):
         if len(inputs) != 1:
             raise UserError(
@@ -74,4 +79,6 @@ def load_data(path, input_specs, label):
             )
         if len(arr) != n:
             raise UserError(f"data for input {name!r} has {len(arr)} rows; {label!r} has {n}")
+    if path.endswith(".npz") and presence:
+        x.update(flags)
     return x, y

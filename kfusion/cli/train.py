@@ -157,13 +157,15 @@ def _prepare(args):
         model = FusionModel.from_spec(model_spec)
     except (ValueError, TypeError) as e:
         raise UserError(f"invalid model spec: {one_line(e)}") from None
-    x, y = load_data(args.data, model.input_specs, label)
+    x, y = load_data(
+        args.data, model.input_specs, label, presence=getattr(model, "missing_modalities", False)
+    )
     try:
         model.compile(optimizer=optimizer, **compile_kwargs)
     except (ValueError, TypeError) as e:
         raise UserError(f"spec {args.spec}: cannot compile: {one_line(e)}") from None
     # A model made with `branches:` as a mapping takes a dict, even for one input.
-    features = next(iter(x.values())) if model.single_input else x
+    features = next(iter(x.values())) if model.single_input else model.complete_inputs(x)
     try:
         model.check_data(features, y)
     except ValueError as e:
@@ -181,7 +183,7 @@ def _prepare(args):
     if validation is not None:
         (features, y), validation_data, validation_info = validation
     _check_fits(model, features, y, args.spec)
-    probe = {k: v[:8] for k, v in x.items()}
+    probe = {k: v[:8] for k, v in (x if model.single_input else features).items()}
     return SimpleNamespace(
         model=model,
         features=features,

@@ -20,6 +20,7 @@ from tests.cli.commands import (
     ENV,
     QUIET_ENV,
     ROOT,
+    SPEC,
     assert_user_error,
     make_data,
     run_command,
@@ -365,3 +366,35 @@ def test_a_diverged_run_is_one_line_and_leaves_no_empty_folder(tmp_path, capsys)
     )
     assert_user_error(result, "training diverged")
     assert not out.exists()  # no empty OUT/ nor OUT/checkpoints/
+
+
+def test_train_takes_the_multimodal_spec_keys_and_presence_arrays(tmp_path, capsys):
+    spec = json.loads(json.dumps(SPEC))
+    spec.update(
+        modality_dropout={"signal": 0.3, "table": 0.2},
+        aux_loss_weight=0.5,
+        balance="ogm",
+        epochs=2,
+    )
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    data = dict(np.load(make_data(tmp_path / "data.npz")))
+    data["table_present"] = np.arange(len(data["y"])) % 3 != 0  # a third without a table
+    np.savez(tmp_path / "holes.npz", **data)
+    out = tmp_path / "run"
+    result = run_here(capsys, "train", spec_path, "--data", tmp_path / "holes.npz", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert {"aux_cnn_loss", "aux_mlp_loss"} <= set(history)
+    model = kexport.load(out / "model.keras")
+    assert model.missing_modalities and model.balance == "ogm"
+    assert model.modality_dropout == {"signal": 0.3, "table": 0.2}
+    coefficients = np.asarray(model.get_layer("gradient_modulation").coefficients)
+    assert coefficients.shape == (2,) and coefficients.min() <= 1.0
+    # The exported SavedModel takes the flags; an input left out of the data is absent.
+    del data["table"], data["table_present"]
+    np.savez(tmp_path / "no_table.npz", **data)
+    result = run_here(
+        capsys, "train", spec_path, "--data", tmp_path / "no_table.npz", "--out", tmp_path / "r2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
