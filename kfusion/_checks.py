@@ -5,6 +5,7 @@ helpers, so that a bad argument is always refused the same way: a `ValueError` n
 argument and the value received. Only `keras` and NumPy are used here.
 """
 
+import math
 import numbers
 
 import keras
@@ -64,6 +65,20 @@ def check_positive_float(name, value):
         or float(value) == float("inf")
     ):
         raise ValueError(f"`{name}` must be a positive float. Received: {name}={_describe(value)}")
+    return float(value)
+
+
+def check_non_negative_float(name, value):
+    """Raises `ValueError` unless `value` is a finite real number >= 0 (a weight)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or float(value) < 0.0
+    ):
+        raise ValueError(
+            f"`{name}` must be a finite number >= 0. Received: {name}={_describe(value)}"
+        )
     return float(value)
 
 

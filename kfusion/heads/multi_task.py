@@ -1,6 +1,4 @@
 import copy
-import math
-import numbers
 
 import keras
 import numpy as np
@@ -224,16 +222,6 @@ def _check_loss_weights(loss_weights, heads):
                 f"`loss_weights` names a task that does not exist. Received: loss_weights "
                 f"key {task!r}; tasks are {list(heads)}."
             )
-        ok = (
-            isinstance(weight, numbers.Real)
-            and not isinstance(weight, bool)
-            and math.isfinite(float(weight))
-            and float(weight) >= 0.0
-        )
-        if not ok:
-            raise ValueError(
-                "`loss_weights` values must be finite numbers >= 0. "
-                f"Received: loss_weights[{task!r}]={weight!r}"
-            )
+        _checks.check_non_negative_float(f"loss_weights[{task!r}]", weight)
         out[task] = float(weight)
     return out

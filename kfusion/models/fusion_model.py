@@ -284,7 +284,7 @@ class FusionModel(keras.Model):
         fusion_units = _checks.check_int("fusion_units", fusion_units, allow_none=True)
         branch_dropout = _checks.check_rate("branch_dropout", branch_dropout)
         feature_norm = _checks.check_choice("feature_norm", feature_norm, FEATURE_NORMS)
-        aux_loss_weight = _check_aux_loss_weight(aux_loss_weight)
+        aux_loss_weight = _checks.check_non_negative_float("aux_loss_weight", aux_loss_weight)
         balance = _checks.check_choice("balance", balance, BALANCES)
         if balance is not None and aux_loss_weight == 0.0:
             raise ValueError(
@@ -1037,21 +1037,6 @@ _ARGUMENTS = (
     "aux_loss_weight",
     "balance",
 ) + _MODEL_KWARGS
-
-
-def _check_aux_loss_weight(value):
-    ok = (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-        and float(value) >= 0.0
-    )
-    if not ok:
-        raise ValueError(
-            "`aux_loss_weight` must be a finite number >= 0 (0: no auxiliary heads). "
-            f"Received: aux_loss_weight={value!r}"
-        )
-    return float(value)
 
 
 def _has_vocabulary(head):
