@@ -320,3 +320,20 @@ def test_a_converter_failure_is_one_line_naming_the_format_and_layer(tmp_path, m
     assert "To do:" in message
     assert isinstance(info.value.__cause__, TypeError)
     assert os.listdir(tmp_path) == []
+
+
+@requires_tensorflow
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_parallel_scan_cells_export_to_litert_at_any_length(tmp_path, cell):
+    # MinGRU / MinLSTM run as a parallel scan, not a recurrent loop: LiteRT takes them
+    # with builtin ops at an unknown length, padding masks included (nothing to unroll).
+    model = kf.FusionModel(
+        inputs=keras.Input((None, 3), name="signal"),
+        branches=[kf.branches.RNN(units=4, cell=cell, bidirectional=True)],
+        head=kf.heads.Classification(3),
+        mask_value=0.0,
+    )
+    probe = np.random.default_rng(0).normal(size=(3, 12, 3)).astype("float32")
+    probe[1, 8:] = 0.0  # a padded row
+    path = kexport.export(model, tmp_path / "m.tflite", format="litert", probe=probe)
+    assert os.listdir(tmp_path) == ["m.tflite"] and os.path.getsize(path) > 0

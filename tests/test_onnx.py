@@ -46,6 +46,8 @@ def _single_branch(kind):
         "InceptionTime": lambda: kf.branches.InceptionTime(filters=4, depth=3),
         "ResNet": lambda: kf.branches.ResNet(filters=(4, 4, 4)),
         "RNN": lambda: kf.branches.RNN(units=4, bidirectional=True),
+        "RNN-mingru": lambda: kf.branches.RNN(units=4, cell="mingru", bidirectional=True),
+        "RNN-minlstm": lambda: kf.branches.RNN(units=4, cell="minlstm", num_layers=2),
         "Transformer": lambda: kf.branches.Transformer(dim=8, depth=1, num_heads=2),
     }[kind]()
     return kf.FusionModel(seq, [branch], head=_head())
@@ -85,7 +87,19 @@ def _check_onnx(model, tmp_path, probe, atol=1e-4):
 
 
 @pytest.mark.parametrize(
-    "kind", ["Backbone", "CNN", "FCN", "InceptionTime", "MLP", "ResNet", "RNN", "Transformer"]
+    "kind",
+    [
+        "Backbone",
+        "CNN",
+        "FCN",
+        "InceptionTime",
+        "MLP",
+        "ResNet",
+        "RNN",
+        "RNN-mingru",
+        "RNN-minlstm",
+        "Transformer",
+    ],
 )
 def test_every_branch_kind_exports_to_onnx(tmp_path, kind):
     model = _single_branch(kind)
