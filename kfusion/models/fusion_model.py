@@ -979,13 +979,16 @@ class FusionModel(keras.Model):
         x = self.complete_inputs(x)
         self.check_data(x)
         layer = self.get_layer("auxiliary_heads")
-        node = layer._inbound_nodes[0]
-        features = list(node.arguments.args[1])
-        extractor = keras.Model(self.input, features, name=f"{self.name}_branch_predictions")
+        features = list(layer._inbound_nodes[0].arguments.args[1])
+        outputs = []
+        for head, feature in zip(layer.heads, features):
+            if len(feature.shape) == 3:  # mean over the valid steps, as in training
+                feature = keras.layers.GlobalAveragePooling1D(name=f"{head.name}_pooling")(feature)
+            outputs.append(head(feature))
+        model = keras.Model(self.input, outputs, name=f"{self.name}_branch_predictions")
         kwargs.setdefault("verbose", 0)
-        out = extractor.predict(x, **kwargs)
-        preds = layer.branch_predictions([ops.convert_to_tensor(f) for f in out])
-        return {n: np.asarray(ops.convert_to_numpy(p)) for n, p in zip(layer.branch_names, preds)}
+        out = model.predict(x, **kwargs)
+        return {n: np.asarray(p) for n, p in zip(layer.branch_names, out)}
 
     def branch_features(self):
         """A `keras.Model` from the inputs to the list of branch features (pre-fusion).

@@ -245,3 +245,26 @@ def test_bad_arguments_are_refused():
     )
     with pytest.raises(ValueError, match="compile with loss=None"):
         model.compile(optimizer="adam", loss={"a": "mae", "b": "mae"})
+
+
+def test_branch_predictions_of_sequence_features_leave_padding_out():
+    # Cross-attention keeps the branches' token sequences; each auxiliary head reads its
+    # branch's mean over the valid steps, so right-padding changes no branch prediction.
+    keras.utils.set_random_seed(0)
+    model = kf.FusionModel(
+        inputs={"s": keras.Input((None, 3)), "t": keras.Input((4,))},
+        branches={
+            "s": kf.branches.CNN(filters=(4,), pooling=None, name="cnn"),
+            "t": kf.branches.MLP(units=(4,), name="mlp"),
+        },
+        fusion="cross_attention",
+        head=kf.heads.Classification(3),
+        mask_value=0.0,
+        aux_loss_weight=0.5,
+    )
+    rng = np.random.default_rng(0)
+    x = {"s": rng.normal(size=(4, 6, 3)).astype("float32"), "t": rng.normal(size=(4, 4))}
+    padded = {**x, "s": np.concatenate([x["s"], np.zeros((4, 5, 3), "float32")], axis=1)}
+    a, b = model.branch_predictions(x), model.branch_predictions(padded)
+    np.testing.assert_allclose(a["cnn"], b["cnn"], atol=1e-5)
+    np.testing.assert_allclose(a["mlp"], b["mlp"], atol=1e-6)
