@@ -190,8 +190,30 @@ def table(results, lengths):
     return "\n".join(lines)
 
 
-def adding(T, n_train, epochs, seed=0):
-    """The adding problem: train the minGRU RNN branch (2 layers) + Dense(1)."""
+def adding(
+    T,
+    n_train,
+    epochs,
+    seed=0,
+    units=64,
+    num_layers=2,
+    learning_rate=3e-3,
+    batch_size=32,
+    clipnorm=None,
+    n_val=500,
+    n_test=1000,
+    budget_s=None,
+):
+    """The adding problem: the minGRU RNN branch + Dense(1) learns to sum two marked numbers.
+
+    Each sequence has T steps of two features: a number uniform in [0, 1] and a marker,
+    1 at two steps drawn at random and 0 elsewhere; the target is the sum of the two
+    marked numbers (predicting the mean gives MSE 1/6). Training, validation and test
+    sequences are drawn independently (seeds `seed`, `seed + 1`, `seed + 2`); the
+    validation MSE after every epoch is recorded, the weights of the epoch with the
+    lowest one are kept (the test set is scored once, at the end). `budget_s` stops
+    training after the first epoch that ends past that many seconds.
+    """
     import keras
     import numpy as np
 
@@ -200,38 +222,154 @@ def adding(T, n_train, epochs, seed=0):
     def make(n, rng):
         v = rng.uniform(0, 1, (n, T)).astype("float32")
         m = np.zeros((n, T), "float32")
-        for i in range(n):
-            m[i, rng.choice(T, 2, replace=False)] = 1.0
+        picks = np.argsort(rng.random((n, T)), axis=1)[:, :2]
+        np.put_along_axis(m, picks, 1.0, axis=1)
         return np.stack([v, m], -1), (v * m).sum(1, keepdims=True)
 
     keras.utils.set_random_seed(seed)
-    rng = np.random.default_rng(seed)
-    x, y = make(n_train, rng)
-    xt, yt = make(1000, rng)
+    x, y = make(n_train, np.random.default_rng(seed))
+    xv, yv = make(n_val, np.random.default_rng(seed + 1))
+    xt, yt = make(n_test, np.random.default_rng(seed + 2))
     inp = keras.Input((T, 2))
-    h = kf.branches.RNN(units=64, cell="mingru", num_layers=2)(inp)
+    h = kf.branches.RNN(units=units, cell="mingru", num_layers=num_layers)(inp)
     model = keras.Model(inp, keras.layers.Dense(1)(h))
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="mse")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate, clipnorm=clipnorm), loss="mse")
+
+    class Budget(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.start, self.best, self.weights, self.curve = time.perf_counter(), None, None, []
+
+        def on_epoch_end(self, epoch, logs=None):
+            val = float(logs["val_loss"])
+            elapsed = time.perf_counter() - self.start
+            self.curve.append(
+                {"epoch": epoch + 1, "val_mse": val, "train_mse": float(logs["loss"]), "s": elapsed}
+            )
+            print(f"epoch {epoch + 1}: val MSE {val:.4f} ({elapsed:.0f} s)", flush=True)
+            if self.best is None or val < self.best:
+                self.best, self.weights = val, self.model.get_weights()
+            if budget_s is not None and elapsed > budget_s:
+                self.model.stop_training = True
+
+    budget = Budget()
     t0 = time.perf_counter()
-    model.fit(x, y, batch_size=32, epochs=epochs, validation_split=0.1, verbose=2)
+    model.fit(
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        validation_data=(xv, yv),
+        verbose=0,
+        callbacks=[budget],
+    )
     wall = time.perf_counter() - t0
+    model.set_weights(budget.weights)
     mse = float(model.evaluate(xt, yt, verbose=0))
     return {
         "T": T,
         "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
         "epochs": epochs,
+        "epochs_run": len(budget.curve),
+        "units": units,
+        "num_layers": num_layers,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "clipnorm": clipnorm,
+        "budget_s": budget_s,
+        "seed": seed,
         "train_wall_s": wall,
+        "best_val_mse": budget.best,
+        "curve": budget.curve,
         "test_mse": mse,
         "mean_predictor_mse": float(((yt - y.mean()) ** 2).mean()),
     }
+
+
+# Exploration that chose the recipe (validation MSE only; see render_adding).
+ADDING_NOTES = """
+How the recipe was chosen (validation MSE only, T=256 first, same data generator, seed 0,
+1 thread): with 1 layer, Adam 3e-3, clipnorm 1.0, batch 32 and 4000 training sequences the
+validation MSE went 0.181, 0.179, 0.177, 0.167, 0.120, 0.045 over 6 epochs (750 steps);
+the same with `num_layers=2` stayed on the plateau (0.173, 0.173, 0.173, 0.173, 0.174,
+0.175). The earlier recipe of this section (2 layers, no clipping, 3000 sequences,
+4 epochs, about 340 steps) ended on the plateau at test MSE 0.171. One layer can
+represent the task: with a long memory (small update gate z) the final state is close to
+the sum of z_t * candidate_t over the steps, and the candidate can be near 0 except at
+the marked steps, where it grows with the number. Not tried: units 128, other learning
+rates, other seeds.
+"""
+
+
+def render_adding(r):
+    ok = "met" if r["test_mse"] <= 0.02 else "missed"
+    clip = f", clipnorm {r['clipnorm']}" if r.get("clipnorm") else ""
+    steps = -(-r["n_train"] // r["batch_size"])
+    curve = " ".join(f"{c['val_mse']:.4f}" for c in r.get("curve", []))
+    first = next((c for c in r.get("curve", []) if c["val_mse"] <= 0.02), None)
+    cmd = (
+        f"python benchmarks/long_sequences.py --adding --adding-T {r['T']} "
+        f"--adding-n {r['n_train']} --adding-epochs {r['epochs']} "
+        f"--adding-units {r['units']} --adding-layers {r['num_layers']} "
+        f"--adding-lr {r['learning_rate']:g} --adding-batch {r['batch_size']} "
+        f"--adding-clipnorm {r.get('clipnorm') or 0:g} "
+        f"--adding-budget-s {r.get('budget_s') or 0:g} --adding-seed {r['seed']}"
+    )
+    lines = [
+        f"### Adding problem, T={r['T']} (minGRU RNN branch)",
+        "",
+        f"Written by `{cmd}` on {r.get('date', '?')}, 1 thread "
+        "(TensorFlow intra/inter-op 1, OMP_NUM_THREADS=1), on 2 cores shared with other "
+        "jobs while it ran (wall times are inflated). `--render` rewrites this section "
+        "from `benchmarks/long_sequences_adding.json`.",
+        "",
+        f"Task: {r['T']} steps of (number uniform in [0, 1], marker); the marker is 1 at two "
+        "random steps; the target is the sum of the two marked numbers. "
+        f'Model: `RNN(units={r["units"]}, cell="mingru", num_layers={r["num_layers"]})` '
+        f"(default chrono initialisation of the gate biases) + Dense(1), MSE loss, Adam "
+        f"{r['learning_rate']:g}{clip}, batch {r['batch_size']}. Data: {r['n_train']} "
+        f"training sequences ({steps} steps per epoch), {r['n_val']} validation and "
+        f"{r['n_test']} test sequences, each set drawn independently. Budget: at most "
+        f"{r['epochs']} epochs, stopping after the first epoch that ends past "
+        f"{r.get('budget_s') or 0:.0f} s of training; the epoch with the lowest validation "
+        "MSE is kept and the test set is scored once, at the end.",
+        "",
+        f"Ran {r['epochs_run']} epochs ({r['epochs_run'] * steps} steps, "
+        f"{r['epochs_run']} passes over the {r['n_train']} sequences) in "
+        f"{r['train_wall_s']:.0f} s of training (wall). "
+        f"Validation MSE per epoch: {curve}."
+        + (
+            f" It first fell to <= 0.02 after epoch {first['epoch']} ({first['s']:.0f} s)."
+            if first
+            else ""
+        ),
+        "",
+        f"Test MSE **{r['test_mse']:.4f}** (predicting the training mean: "
+        f"{r['mean_predictor_mse']:.4f}). Target MSE <= 0.02 within this budget: **{ok}**.",
+    ]
+    if ADDING_NOTES:
+        lines += ["", ADDING_NOTES.strip()]
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--render", action="store_true", help="rewrite the section from JSON")
     p.add_argument("--adding", action="store_true", help="run the adding problem only")
-    p.add_argument("--adding-n", type=int, default=3000)
-    p.add_argument("--adding-epochs", type=int, default=5)
+    p.add_argument("--adding-T", type=int, default=1024, help="sequence length")
+    p.add_argument("--adding-n", type=int, default=10000, help="training sequences")
+    p.add_argument("--adding-epochs", type=int, default=30, help="at most this many")
+    p.add_argument("--adding-units", type=int, default=64)
+    p.add_argument("--adding-layers", type=int, default=1)
+    p.add_argument("--adding-lr", type=float, default=3e-3)
+    p.add_argument("--adding-batch", type=int, default=32)
+    p.add_argument("--adding-clipnorm", type=float, default=1.0, help="0: none")
+    p.add_argument(
+        "--adding-budget-s", type=float, default=1200.0, help="stop after the epoch past it"
+    )
+    p.add_argument("--adding-seed", type=int, default=0)
     p.add_argument("--child", nargs=4)
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--rounds", type=int, default=3)
@@ -246,30 +384,28 @@ def main():
         if a.render:
             r = json.loads(out.read_text())
         else:
-            r = adding(1024, a.adding_n, a.adding_epochs)
+            import tensorflow as tf
+
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+            r = adding(
+                a.adding_T,
+                a.adding_n,
+                a.adding_epochs,
+                seed=a.adding_seed,
+                units=a.adding_units,
+                num_layers=a.adding_layers,
+                learning_rate=a.adding_lr,
+                batch_size=a.adding_batch,
+                clipnorm=a.adding_clipnorm or None,
+                budget_s=a.adding_budget_s,
+            )
+            r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             out.write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps(r))
-        ok = "met" if r["test_mse"] <= 0.02 else "missed"
-        text = (
-            "### Adding problem, T=1024 (minGRU RNN branch)\n\n"
-            f"Written by `python benchmarks/long_sequences.py --adding --adding-n "
-            f"{a.adding_n} --adding-epochs {a.adding_epochs}` on "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, 1 thread. "
-            f'`RNN(units=64, cell="mingru", num_layers=2)` + Dense(1), Adam 3e-3, '
-            f"batch 32, {a.adding_n} training sequences (10% held out for validation), "
-            f"{a.adding_epochs} epochs, {r['train_wall_s']:.0f} s of training; 1000 test "
-            f"sequences. Test MSE **{r['test_mse']:.4f}** (predicting the mean: "
-            f"{r['mean_predictor_mse']:.4f}). Target MSE <= 0.02: **{ok}**"
-            + (
-                "; in this budget the model had not left the mean-predictor plateau "
-                "(longer training and a learning-rate search are still to do)."
-                if ok == "missed"
-                else "."
-            )
-        )
         from _marked import write_section
 
-        write_section(str(HERE / "RESULTS.md"), "long_sequences_adding", text)
+        write_section(str(HERE / "RESULTS.md"), "long_sequences_adding", render_adding(r))
         return
     if a.render:
         results = json.loads((HERE / "long_sequences.json").read_text())
