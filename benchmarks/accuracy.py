@@ -403,9 +403,18 @@ def write_markdown(results):
         with open(path, encoding="utf-8") as f:
             ensembles = accuracy_ensembles.render(json.load(f))
     text = render(results, ensembles)
+    # Sections other scripts write into this file (accuracy_rnn_cells.py) are kept.
+    sys.path.insert(0, HERE)
+    from _marked import read_sections
+
+    kept = read_sections(MARKDOWN)
     tmp = MARKDOWN + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.write(text.rstrip() + "\n")
+        for name, body in kept:
+            if f"<!-- section:{name} -->" in text:
+                continue
+            f.write(f"\n<!-- section:{name} -->\n{body}\n<!-- /section:{name} -->\n")
     os.replace(tmp, MARKDOWN)
     return MARKDOWN
 
