@@ -419,6 +419,7 @@ def main():
     )
     p.add_argument("--adding-seed", type=int, default=0)
     p.add_argument("--worker", nargs=3)
+    p.add_argument("--resume", help="a stopped run's printed output: keep its runs")
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
@@ -458,21 +459,37 @@ def main():
     if a.render:
         results = json.loads((HERE / "long_sequences.json").read_text())
     else:
-        results = measure(a)
+        previous = []
+        if a.resume:  # the JSON lines a stopped run printed
+            lines = Path(a.resume).read_text().splitlines()
+            previous = [json.loads(x) for x in lines if x.startswith('{"contender"')]
+        results = measure(a, previous)
     render(results, a)
 
 
-def measure(a):
-    results, slow = [], set()
+def measure(a, previous=()):
+    """The table's runs; `previous`: runs already made (from --resume), kept as they are."""
+    results, slow, last = list(previous), set(), {}
+    for r in results:
+        if "step_s" in r:
+            last.setdefault(r["contender"], []).append(r["step_s"])
     for T in a.lengths:
-        names = [c for c in CONTENDERS if c not in slow]
+        done = {r["contender"] for r in results if r["T"] == T}
+        for c, steps_s in last.items():
+            # The next length costs what the last step did times the growth seen from
+            # the length before (at least 4x); skip a contender that would pass 20 s.
+            growth = max(4.0, steps_s[-1] / steps_s[-2]) if len(steps_s) > 1 else 4.0
+            if steps_s[-1] * growth > MAX_STEP_S:
+                slow.add(c)
+        names = [c for c in CONTENDERS if c not in slow and c not in done]
+        if not names:
+            continue
         steps = max(1, a.steps if T < 4096 else 2)
         for r in run_interleaved(names, T, a.rounds, steps):
             print(json.dumps(r), flush=True)
             results.append(r)
-            # a 4x longer sequence costs about 4x: skip when the next would pass 20 s
-            if "step_s" in r and r["step_s"] * 4 > MAX_STEP_S:
-                slow.add(r["contender"])
+            if "step_s" in r:
+                last.setdefault(r["contender"], []).append(r["step_s"])
     return results
 
 
@@ -518,7 +535,11 @@ def render(results, a):
             f"the others wait; samples/s is the median over {a.rounds} rounds. Peak MB = "
             "ru_maxrss after warm-up and the timed steps minus ru_maxrss after build "
             "(tracemalloc misses TF's allocations). A contender whose step would pass "
-            f"{MAX_STEP_S:.0f} s at the next length is skipped there.",
+            f"{MAX_STEP_S:.0f} s at the next length is skipped there (the last step times "
+            "the growth seen from the length before, at least 4x). Each length's "
+            "contenders run together; this table's T=4096 column came from a second "
+            "invocation (`--resume` with the first one's output), after the first spent "
+            "over 12 minutes in torch_mingru_seq's T=4096 steps.",
             "",
             table(results, a.lengths),
             "",
