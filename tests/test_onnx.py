@@ -192,3 +192,31 @@ def test_an_op_onnx_cannot_take_is_one_line_naming_the_layer(tmp_path, monkeypat
     assert "format='onnx'" in message and "Erfc" in message
     assert "intermediate_dense" in message and "format='saved_model'" in message
     assert os.listdir(tmp_path) == []
+
+
+def test_missing_modality_model_exports_with_its_presence_inputs(tmp_path):
+    model = kf.FusionModel(
+        inputs={"seq": keras.Input((12, 3)), "tab": keras.Input((5,))},
+        branches={"seq": [kf.branches.CNN(filters=(4,))], "tab": [kf.branches.MLP((4,))]},
+        fusion="attention",
+        head=_head(),
+        modality_dropout=0.3,
+    )
+    rng = np.random.default_rng(0)
+    for v in model.get_layer("missing_modalities").embeddings:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    probe = {
+        "seq": rng.normal(size=(4, 12, 3)).astype("float32"),
+        "tab": rng.normal(size=(4, 5)).astype("float32"),
+        "seq_present": np.array([True, False, True, False]),
+        "tab_present": np.array([True, True, False, True]),
+    }
+    path = kexport.export(model, tmp_path / "m.onnx", format="onnx", probe=probe)
+    session, got = _session_outputs(path, probe)
+    assert {i.name for i in session.get_inputs()} == set(probe)
+    np.testing.assert_allclose(got[0], keras.ops.convert_to_numpy(model(probe)), atol=1e-4)
+    changed = {**probe, "seq": probe["seq"] + 3.0}  # an absent modality is never read
+    _, again = _session_outputs(path, changed)
+    np.testing.assert_array_equal(again[0][[1, 3]], got[0][[1, 3]])
+    litert = kexport.export(model, tmp_path / "m.tflite", format="litert", probe=probe)
+    assert os.path.getsize(litert) > 0
