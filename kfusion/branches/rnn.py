@@ -46,9 +46,10 @@ class RNN(BaseBranch):
     minGRU and minLSTM gates depend on the input only, so the whole sequence
     is computed at once (a log-space parallel scan, no loop over the steps).
     At 1,024 steps on one CPU thread, a minGRU layer compiled with
-    `jit_compile=True` trains about 3x the samples/s of keras' LSTM and 5.6x
-    PyTorch's `nn.LSTM`; without XLA (keras' default on a TensorFlow CPU) it is
-    1.3x keras' LSTM (benchmarks/RESULTS.md, "Long sequences"). A single layer is
+    `jit_compile=True` trains 3.1x the samples/s of keras' LSTM compiled the
+    same way and 5.6x PyTorch's `nn.LSTM`; without XLA (keras' default on a
+    TensorFlow CPU) it is 1.3x keras' LSTM (benchmarks/RESULTS.md, "Long
+    sequences"). A single layer is
     a linear recurrence in its state; stacking layers (`num_layers >= 2`) adds
     depth. On univariate series (one input channel) the cells learn poorly with
     the default settings (benchmarks/ACCURACY.md, "RNN cells").
