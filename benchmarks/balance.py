@@ -217,10 +217,6 @@ def main():
         write_section(mm.MARKDOWN, "balance", render(json.load(open(OUT))))
         return
     mm.set_threads(args.threads)
-    import keras
-    import sklearn
-    import tensorflow as tf
-
     views, y = mm.make_views(mm.CORRUPTION)
     parts = mm.split(y)
     seeds = mm.SEEDS[:1] if args.quick else mm.SEEDS
@@ -229,11 +225,7 @@ def main():
         run_seed(s, views, y, parts, args.epochs, lambda t: print(t, flush=True)) for s in seeds
     ]
     data = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{mm.cpu_name()}, {os.cpu_count()} cores, {args.threads} thread(s), "
-        f"{keras.backend.backend()} backend",
-        "versions": f"keras {keras.__version__}, tensorflow {tf.__version__}, "
-        f"scikit-learn {sklearn.__version__}",
+        **mm.environment(args.threads),
         "epochs": args.epochs,
         "variants": VARIANTS,
         "seed_values": list(seeds),
@@ -241,14 +233,7 @@ def main():
         "total_s": time.perf_counter() - start,
     }
     data["summary"] = summarise(rows)
-    text = render(data)
-    print(text)
-    if not args.quick:
-        from _marked import write_section
-
-        with open(OUT, "w") as f:
-            json.dump(data, f, indent=1)
-        write_section(mm.MARKDOWN, "balance", text)
+    mm.publish(data, OUT, "balance", render(data), args.quick)
 
 
 if __name__ == "__main__":

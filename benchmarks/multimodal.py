@@ -89,6 +89,33 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def environment(threads):
+    """The run's date, machine and versions (the header of every table written here)."""
+    import keras
+    import sklearn
+    import tensorflow as tf
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {threads} thread(s), "
+        f"{keras.backend.backend()} backend",
+        "versions": f"keras {keras.__version__}, tensorflow {tf.__version__}, "
+        f"scikit-learn {sklearn.__version__}",
+    }
+
+
+def publish(data, path, section, text, quick):
+    """Prints the table; unless `quick`, writes the JSON and the markdown section."""
+    print(text)
+    if quick:
+        return
+    from _marked import write_section
+
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    write_section(MARKDOWN, section, text)
+
+
 def make_views(corruption):
     """The three views of every digit (float32) and the labels."""
     from sklearn.datasets import load_digits
@@ -431,10 +458,6 @@ def main():
     if args.tune:
         tune()
         return
-    import keras
-    import sklearn
-    import tensorflow as tf
-
     views, y = make_views(CORRUPTION)
     parts = split(y)
     seeds = SEEDS[:1] if args.quick else SEEDS
@@ -443,12 +466,8 @@ def main():
         run_seed(s, views, y, parts, args.epochs, lambda t: print(t, flush=True)) for s in seeds
     ]
     data = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} thread(s), "
-        f"{keras.backend.backend()} backend",
+        **environment(args.threads),
         "threads": args.threads,
-        "versions": f"keras {keras.__version__}, tensorflow {tf.__version__}, "
-        f"scikit-learn {sklearn.__version__}",
         "corruption": CORRUPTION,
         "split": {"fit": len(parts[0]), "val": len(parts[1]), "test": len(parts[2])},
         "recipe": {
@@ -464,14 +483,7 @@ def main():
         "total_s": time.perf_counter() - start,
     }
     data["summary"] = summarise(rows)
-    text = render(data)
-    print(text)
-    if not args.quick:
-        from _marked import write_section
-
-        with open(OUT, "w") as f:
-            json.dump(data, f, indent=1)
-        write_section(MARKDOWN, "multimodal", text)
+    publish(data, OUT, "multimodal", render(data), args.quick)
 
 
 if __name__ == "__main__":
