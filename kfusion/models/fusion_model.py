@@ -725,6 +725,13 @@ class FusionModel(keras.Model):
             if isinstance(x, (list, tuple)) and len(x) == len(specs):
                 x = dict(zip(specs, x))
             if not isinstance(x, dict):
+                if len(specs) == 1:
+                    (name,) = specs
+                    raise ValueError(
+                        f"This model takes a dict with its one input {name!r} (it was built "
+                        "from a dict of inputs or of branches): pass {"
+                        f"{name!r}: array}}. Expected: {expected}"
+                    )
                 raise ValueError(
                     f"This model has several inputs; pass a dict input name -> array. "
                     f"Expected: {expected}"

@@ -404,3 +404,16 @@ def test_two_image_inputs_with_the_same_backbone_do_not_clash(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_a_dict_model_with_one_input_names_the_dict_it_takes():
+    model = kf.FusionModel.from_spec(
+        {
+            "inputs": {"x": {"shape": [6]}},
+            "branches": {"x": [{"type": "MLP", "units": [4]}]},
+            "head": {"type": "Regression"},
+        }
+    )
+    with pytest.raises(ValueError, match=r"takes a dict with its one input 'x'.*\{'x': array\}"):
+        model.predict(np.zeros((2, 6), "float32"), verbose=0)
+    assert model.predict({"x": np.zeros((2, 6), "float32")}, verbose=0).shape == (2, 1)
