@@ -30,36 +30,48 @@ from _marked import write_section  # noqa: E402
 import kfusion as kf  # noqa: E402
 
 OUT = os.path.join(HERE, "accuracy_rnn_cells.json")
+# key: (label, RNN branch arguments beside units=64).
 CELLS = {
-    "rnn_lstm": ("LSTM 64", "lstm"),
-    "rnn_mingru": ("minGRU 64", "mingru"),
-    "rnn_minlstm": ("minLSTM 64", "minlstm"),
+    "rnn_lstm": ("LSTM 64", {"cell": "lstm"}),
+    "rnn_mingru": ("minGRU 64, no conv", {"cell": "mingru", "conv_kernel_size": None}),
+    "rnn_minlstm": ("minLSTM 64, no conv", {"cell": "minlstm", "conv_kernel_size": None}),
+    "rnn_mingru_conv": ("minGRU 64 (default conv)", {"cell": "mingru"}),
+    "rnn_minlstm_conv": ("minLSTM 64 (default conv)", {"cell": "minlstm"}),
+    "rnn_mingru_conv_x2": ("minGRU 64 x 2 (default conv)", {"cell": "mingru", "num_layers": 2}),
+    "rnn_minlstm_conv_x2": (
+        "minLSTM 64 x 2 (default conv)",
+        {"cell": "minlstm", "num_layers": 2},
+    ),
 }
+PARALLEL = tuple(key for key in CELLS if key != "rnn_lstm")
 TOLERANCE = 0.01  # minGRU / minLSTM within 1 point of the LSTM branch
 NOTE = """
-Reading the table: the three LSTM rows repeat the `LSTM 64 alone` row above to the last
-digit (same seeds, same recipe), so the runs are reproducible. On the two univariate sets
-(GunPoint, ItalyPowerDemand: one channel) minGRU stays at chance, and so does minLSTM except
-one ItalyPowerDemand seed (0.789): early stopping ends most of these runs 20 epochs after a
-best epoch between 1 and 9, and on ItalyPowerDemand (seed 0, 30
-epochs of the recipe) the training loss of minGRU stays at ln 2 = 0.693 while the LSTM's
-falls. Their gradients match central finite differences (checked on the layer), so this
-is the optimisation, not a wrong gradient: with one input channel every gate and
-candidate is a function of the single number x_t, and at initialisation the branch's
-final states differ across the training series by about 0.01 (std over series, mean over
-units), so the head starts with almost no signal. On the multivariate sets (BasicMotions,
-6 channels; JapaneseVowels, 12 channels, masked padding) both cells are at or above the
-LSTM. Not tried here (the one-recipe rule): deeper minGRU stacks, other gate
-initialisations or learning rates for univariate series.
+Reading the table: the LSTM row repeats the `LSTM 64 alone` row above to the last digit
+(same seeds, same recipe), so the runs are reproducible. The "no conv" rows are the cells
+as they first shipped (`conv_kernel_size=None`): on the two univariate sets (GunPoint,
+ItalyPowerDemand: one channel) they stay at chance. With one input channel every gate and
+candidate is a function of the single number x_t (series are z-normalised, so the
+chrono-initialised long-memory units average nearly the same value for every series: at
+initialisation the final states differ across the training series by about 0.01), and
+the training loss stays at ln 2. The gradients match central finite differences (checked
+on the layer): it is the optimisation, not a wrong gradient. The branch's default now puts
+a causal convolution in front of these cells (4 steps, `units` filters, GELU, layer
+normalisation per step, as Mamba's block does): the gates then read the local shape of the
+series, and both cells meet the target on all four sets with one layer, and with two.
+GunPoint stays bimodal across seeds for every recurrent model here, the LSTM included
+(per seed 0 / 1 / 2: minGRU 0.593 / 0.953 / 0.633, LSTM 0.393 / 0.580 / 0.813): with 40
+training series the validation loss can stall for the first epochs, the recipe halves the
+learning rate every 5 epochs without improvement, and early stopping ends the run before
+learning starts (21-25 epochs); the runs that start learning reach 0.91-0.97.
 """
 
 
 def _register():
     """Add the three cells to accuracy.py's branch table (this process only)."""
-    for key, (label, cell) in CELLS.items():
+    for key, (label, kwargs) in CELLS.items():
         accuracy.BRANCHES[key] = (
             label,
-            lambda cell=cell, key=key: kf.branches.RNN(units=64, cell=cell, name=key),
+            lambda kwargs=kwargs, key=key: kf.branches.RNN(units=64, name=key, **kwargs),
         )
 
 
@@ -106,14 +118,14 @@ def render(results, note=""):
         "Target (issue: minGRU / minLSTM within 1 point of the LSTM branch, mean TEST "
         "accuracy >= LSTM's - 0.01):",
         "",
-        "| dataset | minGRU | minLSTM |",
-        "|---|---|---|",
+        "| dataset | " + " | ".join(CELLS[key][0] for key in PARALLEL) + " |",
+        "|---|" + "---|" * len(PARALLEL),
     ]
     verdicts = {}
     for name in names:
         lstm = summary[name].get("rnn_lstm")
         row = []
-        for key in ("rnn_mingru", "rnn_minlstm"):
+        for key in PARALLEL:
             s = summary[name].get(key)
             if s is None or lstm is None:
                 row.append("-")

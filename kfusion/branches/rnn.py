@@ -1,3 +1,5 @@
+import numbers
+
 import keras
 from keras import ops
 
@@ -15,6 +17,8 @@ _CELLS = {
 # Cells computed all at once over time (no recurrent weights, no recurrent dropout).
 _PARALLEL = ("mingru", "minlstm")
 _HALF = ("float16", "bfloat16")
+# The causal convolution window in front of minGRU / minLSTM by default (Mamba's is 4).
+_AUTO_CONV = 4
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -51,8 +55,16 @@ class RNN(BaseBranch):
     TensorFlow CPU) it is 1.3x keras' LSTM (benchmarks/RESULTS.md, "Long
     sequences"). A single layer is
     a linear recurrence in its state; stacking layers (`num_layers >= 2`) adds
-    depth. On univariate series (one input channel) the cells learn poorly with
-    the default settings (benchmarks/ACCURACY.md, "RNN cells").
+    depth.
+
+    By default minGRU and minLSTM read the sequence through a causal
+    convolution first (`conv_kernel_size=4` steps, `units` filters, GELU, then
+    layer normalisation per step), as Mamba's block does (Gu & Dao 2023): a
+    step sees itself and the three before it, never a later one. Without it a
+    cell's gates are functions of the single value x_t on a one-channel series,
+    and the cells stay at chance on univariate sets such as GunPoint; with it
+    and two layers they match or beat the LSTM (benchmarks/ACCURACY.md, "RNN
+    cells").
 
     Under mixed precision the LSTM and GRU layers (their sigmoid gates and the
     carried state) run in float32 with float32 weights; minGRU and minLSTM
@@ -77,6 +89,11 @@ class RNN(BaseBranch):
         vocab_size: int or None. When given, the branch takes integer token
             ids (0 is padding) and embeds them.
         embedding_dim: int or None, the token embedding width. Defaults to 64.
+        conv_kernel_size: int, None or `"auto"`: the window of a causal
+            convolution (`units` filters, GELU, layer-normalised) in front of
+            the first recurrent layer, or None for none. `"auto"` (default)
+            means 4 for minGRU and minLSTM and None for LSTM and GRU. Padded
+            steps are zeroed before it.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -124,10 +141,23 @@ class RNN(BaseBranch):
         output_dim=None,
         vocab_size=None,
         embedding_dim=None,
+        conv_kernel_size="auto",
         **kwargs,
     ):
         units = _checks.check_int("units", units)
         cell = _checks.check_choice("cell", cell, tuple(_CELLS))
+        if isinstance(conv_kernel_size, str) and conv_kernel_size == "auto":
+            conv_kernel_size = _AUTO_CONV if cell in _PARALLEL else None
+        elif conv_kernel_size is not None and (
+            isinstance(conv_kernel_size, bool)
+            or not isinstance(conv_kernel_size, numbers.Integral)
+            or conv_kernel_size < 1
+        ):
+            raise ValueError(
+                "`conv_kernel_size` must be an integer >= 1, None or 'auto'. Received: "
+                f"conv_kernel_size={conv_kernel_size!r}"
+            )
+        conv_kernel_size = None if conv_kernel_size is None else int(conv_kernel_size)
         bidirectional = _checks.check_bool("bidirectional", bidirectional)
         num_layers = _checks.check_int("num_layers", num_layers)
         dropout = _checks.check_rate("dropout", dropout)
@@ -151,6 +181,23 @@ class RNN(BaseBranch):
         self.num_layers = num_layers
         self.dropout = dropout
         self.recurrent_dropout = recurrent_dropout
+        self.conv_kernel_size = conv_kernel_size
+        self.conv = self.conv_norm = None
+        if conv_kernel_size is not None:
+            # Causal: a step sees itself and the `k - 1` steps before it, never a later
+            # one, so right-padding cannot reach a valid step.
+            self.conv = keras.layers.Conv1D(
+                units,
+                conv_kernel_size,
+                padding="causal",
+                activation="gelu",
+                dtype=self.dtype_policy,
+                name="conv",
+            )
+            # Normalised per step, so the gates start on inputs of unit scale.
+            self.conv_norm = keras.layers.LayerNormalization(
+                dtype=self.dtype_policy, name="conv_norm"
+            )
 
         # LSTM/GRU gates and state stay in float32 under mixed precision (minGRU and
         # minLSTM keep their scan in float32 themselves).
@@ -212,6 +259,10 @@ class RNN(BaseBranch):
         shape = tuple(shape)
         if kind == "image":
             shape = self._rows_as_sequence_shape(shape)
+        if self.conv is not None:
+            self.conv.build(shape)
+            shape = tuple(self.conv.compute_output_shape(shape))
+            self.conv_norm.build(shape)
         for i, layer in enumerate(self.rnn_layers):
             layer.build(shape)
             out = tuple(layer.compute_output_shape(shape))
@@ -229,6 +280,10 @@ class RNN(BaseBranch):
                 x = ops.reshape(x, (-1, height, features))
             x = ops.cast(x, self.compute_dtype)
             mask = None
+        if self.conv is not None:
+            if mask is not None:  # padded steps read as zeros, as before the first step
+                x = x * ops.expand_dims(ops.cast(mask, x.dtype), -1)
+            x = self.conv_norm(self.conv(x))
         for i, layer in enumerate(self.rnn_layers):
             if self.backward_layers:
                 backward = self.backward_layers[i](x, mask=mask, training=training)
@@ -261,4 +316,11 @@ class RNN(BaseBranch):
             "num_layers": self.num_layers,
             "dropout": self.dropout,
             "recurrent_dropout": self.recurrent_dropout,
+            "conv_kernel_size": self.conv_kernel_size,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs saved before `conv_kernel_size` existed had no convolution.
+        config = {"conv_kernel_size": None, **config}
+        return super().from_config(config)

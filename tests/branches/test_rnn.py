@@ -80,6 +80,38 @@ def test_config_roundtrip():
     assert clone.recurrent_dropout == 0.2
     parallel = helpers.check_config_roundtrip(RNN(units=3, cell="minlstm", dropout=0.1))
     assert parallel.cell == "minlstm" and parallel.dropout == 0.1
+    assert parallel.conv_kernel_size == 4  # "auto": a causal convolution for min cells
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"cell": "mingru"}, 4),
+        ({"cell": "minlstm", "conv_kernel_size": "auto"}, 4),
+        ({"cell": "mingru", "conv_kernel_size": None}, None),
+        ({"cell": "lstm"}, None),
+        ({"cell": "gru", "conv_kernel_size": 3}, 3),
+    ],
+)
+def test_conv_kernel_size_resolves_and_roundtrips(kwargs, expected):
+    branch = RNN(units=3, **kwargs)
+    assert branch.conv_kernel_size == expected
+    assert branch.get_config()["conv_kernel_size"] == expected
+    assert (branch.conv is None) == (expected is None)
+    assert helpers.check_config_roundtrip(branch).conv_kernel_size == expected
+
+
+def test_config_saved_before_the_convolution_loads_without_one(seq):
+    """A minGRU branch saved before `conv_kernel_size` existed had no convolution."""
+    branch = RNN(units=4, cell="mingru", conv_kernel_size=None)
+    branch(seq)
+    config = branch.get_config()
+    del config["conv_kernel_size"]
+    clone = RNN.from_config(config)
+    assert clone.conv is None
+    clone(seq)
+    clone.set_weights(branch.get_weights())
+    np.testing.assert_allclose(helpers.as_numpy(clone(seq)), helpers.as_numpy(branch(seq)))
 
 
 def test_default_names_are_unique():
@@ -132,7 +164,14 @@ def test_bidirectional_gru_last_matches_numpy(seq):
 def test_stacked_bidirectional_parallel_cells_match_numpy(seq, cell):
     from tests.layers.test_min_rnn import numpy_cell
 
-    branch = RNN(units=4, cell=cell, bidirectional=True, num_layers=2, pooling="mean")
+    branch = RNN(
+        units=4,
+        cell=cell,
+        bidirectional=True,
+        num_layers=2,
+        pooling="mean",
+        conv_kernel_size=None,
+    )
     branch(seq)
     branch_checks.randomize_weights(branch)
     out = helpers.as_numpy(branch(seq))
@@ -140,6 +179,37 @@ def test_stacked_bidirectional_parallel_cells_match_numpy(seq, cell):
     for forward, backward in zip(branch.rnn_layers, branch.backward_layers):
         h = np.concatenate([numpy_cell(forward, h), numpy_cell(backward, h)[:, ::-1]], -1)
     np.testing.assert_allclose(out, h.mean(axis=1), rtol=1e-4, atol=1e-5)
+
+
+def np_gelu(x):
+    from math import erf
+
+    return 0.5 * x * (1.0 + np.vectorize(erf)(x / np.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_causal_convolution_front_matches_numpy(seq, cell):
+    """out = cell(LayerNorm(gelu(causal_conv(x)))): step t reads steps t-3..t only."""
+    from tests.layers.test_min_rnn import numpy_cell
+
+    branch = RNN(units=4, cell=cell, pooling=None)
+    branch(seq)
+    branch_checks.randomize_weights(branch)
+    out = helpers.as_numpy(branch(seq))
+    kernel, bias = branch.conv.get_weights()  # (4, features, units), (units,)
+    x = np.pad(seq.astype("float64"), ((0, 0), (3, 0), (0, 0)))  # zeros before the start
+    steps = seq.shape[1]
+    conv = sum(x[:, j : j + steps] @ kernel[j] for j in range(4)) + bias
+    h = np_gelu(conv)
+    gamma, beta = branch.conv_norm.get_weights()
+    mean, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    h = (h - mean) / np.sqrt(var + branch.conv_norm.epsilon) * gamma + beta
+    expected = numpy_cell(branch.rnn_layers[0], h)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    # Causal: changing the last step changes no earlier output.
+    later = seq.copy()
+    later[:, -1] += 5.0
+    np.testing.assert_allclose(helpers.as_numpy(branch(later))[:, :-1], out[:, :-1], atol=1e-6)
 
 
 def test_images_are_read_row_by_row(images):
@@ -287,6 +357,9 @@ def test_saved_model_export(ids, cell, tmp_path):
         ({"output_dim": 0}, "output_dim"),
         ({"vocab_size": 1}, "vocab_size"),
         ({"embedding_dim": 0}, "embedding_dim"),
+        ({"conv_kernel_size": 0}, "conv_kernel_size"),
+        ({"conv_kernel_size": "wide"}, "conv_kernel_size"),
+        ({"conv_kernel_size": 2.0}, "conv_kernel_size"),
     ],
 )
 def test_bad_arguments(kwargs, name):
