@@ -44,6 +44,8 @@ CONTENDERS = [
     "torch_mingru_seq",
     "torch_mingru_par",
 ]
+# `--default-compile`: a FusionModel compiled with the defaults against the same rows.
+DEFAULT_CONTENDERS = ["torch_lstm", "kfusion_mingru", "kfusion_mingru_xla", "fusionmodel_mingru"]
 MAX_STEP_S = 20.0
 
 
@@ -57,6 +59,23 @@ def keras_runner(name, T):
 
     import kfusion as kf
 
+    if name.startswith("fusionmodel"):
+        # What a user gets: a FusionModel with the default minGRU branch (causal
+        # convolution in front) and Keras' default compile (`jit_compile="auto"`).
+        model = kf.FusionModel(
+            inputs=keras.Input((T, F), name="series"),
+            branches=[kf.branches.RNN(units=UNITS, cell="mingru")],
+            head=kf.heads.Regression(1),
+        )
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((BATCH, T, F)).astype("float32")
+        y = rng.standard_normal((BATCH, 1)).astype("float32")
+
+        def fusion_step():
+            model.train_on_batch(x, y)
+
+        return fusion_step, f"jit_compile={model.jit_compile}"
     inp = keras.Input((T, F))
     if name.startswith("keras_lstm"):
         h = keras.layers.LSTM(UNITS)(inp)
@@ -222,11 +241,11 @@ def run_interleaved(names, T, rounds, steps):
     return out
 
 
-def table(results, lengths):
+def table(results, lengths, contenders=None):
     by = {(r["contender"], r["T"]): r for r in results}
     head = "| contender | " + " | ".join(f"T={t} samples/s (peak MB)" for t in lengths)
     lines = [head + " |", "|---" * (len(lengths) + 1) + "|"]
-    for c in CONTENDERS:
+    for c in contenders or CONTENDERS:
         cells = []
         for t in lengths:
             r = by.get((c, t))
@@ -411,6 +430,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--render", action="store_true", help="rewrite the section from JSON")
     p.add_argument("--adding", action="store_true", help="run the adding problem only")
+    p.add_argument(
+        "--default-compile",
+        action="store_true",
+        help="only the FusionModel-with-default-compile rows (their own section)",
+    )
     p.add_argument("--adding-T", type=int, default=1024, help="sequence length")
     p.add_argument("--adding-n", type=int, default=10000, help="training sequences")
     p.add_argument("--adding-epochs", type=int, default=30, help="at most this many")
@@ -461,6 +485,30 @@ def main():
 
         write_section(str(HERE / "RESULTS.md"), "long_sequences_adding", render_adding(r))
         return
+    if a.default_compile:
+        out = HERE / "long_sequences_default.json"
+        if a.render:
+            data = json.loads(out.read_text())
+        else:
+            runs = []
+            for T in a.lengths:
+                for r in run_interleaved(DEFAULT_CONTENDERS, T, a.rounds, a.steps):
+                    print(json.dumps(r), flush=True)
+                    runs.append(r)
+            data = {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "command": "python benchmarks/long_sequences.py --default-compile "
+                f"--lengths {' '.join(map(str, a.lengths))} --rounds {a.rounds} "
+                f"--steps {a.steps}",
+                "machine": f"{platform.machine()} ({os.cpu_count()} cores, shared)",
+                "lengths": a.lengths,
+                "runs": runs,
+            }
+            out.write_text(json.dumps(data, indent=1) + "\n")
+        from _marked import write_section
+
+        write_section(str(HERE / "RESULTS.md"), "long_sequences_default", render_default(data))
+        return
     if a.render:
         results = json.loads((HERE / "long_sequences.json").read_text())
     else:
@@ -502,6 +550,41 @@ def _ratio(by, name, T=1024):
     if (name, T) in by and ("torch_lstm", T) in by:
         return by[(name, T)]["samples_per_s"] / by[("torch_lstm", T)]["samples_per_s"]
     return None
+
+
+def render_default(data):
+    """The `--default-compile` section: a FusionModel as a user compiles it."""
+    runs = data["runs"]
+    by = {(r["contender"], r["T"]): r for r in runs if "step_s" in r}
+    notes = {r["contender"]: r.get("note", "") for r in runs if "note" in r}
+    lines = [
+        "## Long sequences: a FusionModel compiled with the defaults",
+        "",
+        f"Written by `{data['command']}` on {data['date']}, {data['machine']}, 1 thread "
+        "per contender (as above); `--default-compile --render` rewrites this section "
+        "from `benchmarks/long_sequences_default.json`.",
+        "",
+        "`fusionmodel_mingru` is what a user gets: `kf.FusionModel` with "
+        '`kf.branches.RNN(units=64, cell="mingru")` (its default causal convolution '
+        "included) and a regression head, `model.compile(optimizer=Adam(1e-3), "
+        "loss='mse')` with nothing else, so `jit_compile='auto'`, which FusionModel turns "
+        f"into XLA for minGRU/minLSTM on a TensorFlow CPU ({notes.get('fusionmodel_mingru', '?')}"
+        "). The other rows are the ones of the table above (keras.Model + the branch's "
+        "recurrence alone, XLA off / on; PyTorch nn.LSTM), run again interleaved with it. "
+        "Same batch, width, features and interleaving as above.",
+        "",
+        table(runs, data["lengths"], DEFAULT_CONTENDERS),
+    ]
+    if ("fusionmodel_mingru", 1024) in by and ("torch_lstm", 1024) in by:
+        ratio = _ratio(by, "fusionmodel_mingru")
+        lines += [
+            "",
+            "Target: at T=1024 the minGRU branch trains >= 3x the samples/s of PyTorch "
+            f"nn.LSTM, with the defaults: **{'met' if ratio >= 3 else 'missed'}**, "
+            f"{ratio:.2f}x ({by[('fusionmodel_mingru', 1024)]['samples_per_s']:.0f} vs "
+            f"{by[('torch_lstm', 1024)]['samples_per_s']:.0f} samples/s).",
+        ]
+    return "\n".join(lines)
 
 
 def render(results, a):

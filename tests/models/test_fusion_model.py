@@ -143,6 +143,49 @@ def test_compiled_model_reloads_compiled(tmp_path):
     loaded.fit(x, y, epochs=1, verbose=0)  # trains on without compile()
 
 
+def _scan_model(cell):
+    return kf.FusionModel(
+        inputs=keras.Input((16, 4), name="signal"),
+        branches=[kf.branches.RNN(units=8, cell=cell)],
+        head=kf.heads.Classification(3),
+    )
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm", "lstm"])
+def test_default_compile_uses_xla_for_parallel_scan_cells(cell):
+    """jit_compile="auto": XLA for minGRU/minLSTM on TensorFlow even on a CPU."""
+    model = _scan_model(cell)
+    model.compile()
+    probe = keras.Model(model.inputs, model.outputs)  # a plain model: Keras' own "auto"
+    probe.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    if keras.backend.backend() == "tensorflow" and cell != "lstm":
+        assert model.jit_compile is True
+    else:
+        assert model.jit_compile == probe.jit_compile
+    off = _scan_model(cell)
+    off.compile(jit_compile=False)
+    assert off.jit_compile is False
+    eager = _scan_model(cell)
+    eager.compile(run_eagerly=True)
+    assert eager.jit_compile is False
+
+
+def test_xla_compiled_scan_trains_as_without_xla():
+    """One step of the XLA-compiled minGRU model equals the step without XLA."""
+    x, y = sequence_classification(n=32)
+    models = []
+    for jit in ("auto", False):
+        keras.utils.set_random_seed(0)
+        model = _scan_model("mingru")
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit)
+        models.append(model)
+    models[1].set_weights(models[0].get_weights())
+    losses = [m.train_on_batch(x, y) for m in models]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_branch_names_unique_and_readable():
     a, b = kf.branches.CNN(filters=(4,)), kf.branches.CNN(filters=(4,))
     model = kf.FusionModel(
