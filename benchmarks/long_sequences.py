@@ -55,7 +55,6 @@ def rss_mb():
 
 def keras_runner(name, T):
     import keras
-    import numpy as np
 
     import kfusion as kf
 
@@ -68,14 +67,7 @@ def keras_runner(name, T):
             head=kf.heads.Regression(1),
         )
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((BATCH, T, F)).astype("float32")
-        y = rng.standard_normal((BATCH, 1)).astype("float32")
-
-        def fusion_step():
-            model.train_on_batch(x, y)
-
-        return fusion_step, f"jit_compile={model.jit_compile}"
+        return _train_step(model, T)
     inp = keras.Input((T, F))
     if name.startswith("keras_lstm"):
         h = keras.layers.LSTM(UNITS)(inp)
@@ -85,6 +77,13 @@ def keras_runner(name, T):
     model = keras.Model(inp, keras.layers.Dense(1)(h))
     jit = True if name.endswith("_xla") else "auto"
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", jit_compile=jit)
+    return _train_step(model, T)
+
+
+def _train_step(model, T):
+    """One training step on a fixed random batch, and the compile note."""
+    import numpy as np
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, T, F)).astype("float32")
     y = rng.standard_normal((BATCH, 1)).astype("float32")
