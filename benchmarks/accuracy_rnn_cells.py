@@ -67,7 +67,7 @@ learning starts (21-25 epochs); the runs that start learning reach 0.91-0.97.
 
 
 def _register():
-    """Add the three cells to accuracy.py's branch table (this process only)."""
+    """Add every row of `CELLS` to accuracy.py's branch table (this process only)."""
     for key, (label, kwargs) in CELLS.items():
         accuracy.BRANCHES[key] = (
             label,

@@ -1,5 +1,3 @@
-import numbers
-
 import keras
 from keras import ops
 
@@ -63,8 +61,8 @@ class RNN(BaseBranch):
     step sees itself and the three before it, never a later one. Without it a
     cell's gates are functions of the single value x_t on a one-channel series,
     and the cells stay at chance on univariate sets such as GunPoint; with it
-    and two layers they match or beat the LSTM (benchmarks/ACCURACY.md, "RNN
-    cells").
+    they match or beat the LSTM on the four UCR/UEA sets of the accuracy table,
+    with one layer and with two (benchmarks/ACCURACY.md, "RNN cells").
 
     Under mixed precision the LSTM and GRU layers (their sigmoid gates and the
     carried state) run in float32 with float32 weights; minGRU and minLSTM
@@ -148,16 +146,16 @@ class RNN(BaseBranch):
         cell = _checks.check_choice("cell", cell, tuple(_CELLS))
         if isinstance(conv_kernel_size, str) and conv_kernel_size == "auto":
             conv_kernel_size = _AUTO_CONV if cell in _PARALLEL else None
-        elif conv_kernel_size is not None and (
-            isinstance(conv_kernel_size, bool)
-            or not isinstance(conv_kernel_size, numbers.Integral)
-            or conv_kernel_size < 1
-        ):
-            raise ValueError(
-                "`conv_kernel_size` must be an integer >= 1, None or 'auto'. Received: "
-                f"conv_kernel_size={conv_kernel_size!r}"
-            )
-        conv_kernel_size = None if conv_kernel_size is None else int(conv_kernel_size)
+        else:
+            try:
+                conv_kernel_size = _checks.check_int(
+                    "conv_kernel_size", conv_kernel_size, allow_none=True
+                )
+            except ValueError:
+                raise ValueError(
+                    "`conv_kernel_size` must be an integer >= 1, None or 'auto'. "
+                    f"Received: conv_kernel_size={conv_kernel_size!r}"
+                ) from None
         bidirectional = _checks.check_bool("bidirectional", bidirectional)
         num_layers = _checks.check_int("num_layers", num_layers)
         dropout = _checks.check_rate("dropout", dropout)
