@@ -41,6 +41,9 @@ SEEDS = (0, 1, 2)
 # kf.recipes.small_data's schedule with these bounds.
 MAX_EPOCHS = 100
 PATIENCE = 20
+# Epochs of flat validation loss before the learning rate halves (None: the recipe's
+# default, PATIENCE // 4).
+LR_PATIENCE = None
 LEARNING_RATE = 1e-3
 BRANCH_DROPOUT = 0.3
 TIME_TARGET_S = 120.0
@@ -133,6 +136,7 @@ def run_keras(key, data, seed):
         learning_rate=LEARNING_RATE,
         max_epochs=MAX_EPOCHS,
         patience=PATIENCE,
+        lr_patience=LR_PATIENCE,
     )
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
@@ -143,6 +147,8 @@ def run_keras(key, data, seed):
         "cpu_seconds": cpu_seconds,
         "epochs": len(history.history["loss"]),
         "best_val_loss": float(min(history.history["val_loss"])),
+        "best_val_accuracy": float(max(history.history["val_accuracy"])),
+        "lr_patience": LR_PATIENCE or max(2, PATIENCE // 4),
         "params": int(model.count_params()),
     }
 
@@ -191,6 +197,7 @@ def header():
         "recipe": {
             "max_epochs": MAX_EPOCHS,
             "patience": PATIENCE,
+            "lr_patience": LR_PATIENCE or max(2, PATIENCE // 4),
             "learning_rate": LEARNING_RATE,
             "branch_dropout": BRANCH_DROPOUT,
             "validation_split": 0.2,
@@ -320,8 +327,10 @@ def render(results, ensembles_markdown=""):
         f"at most {recipe.get('max_epochs')} epochs, early stopping after "
         f"{recipe.get('patience')} epochs without a better epoch, the best epoch's weights "
         "restored (`kf.callbacks.BestEpoch`: highest validation accuracy, ties broken by the "
-        "lowest validation loss), learning rate halved on a validation-loss plateau, batch "
-        "size min(n/10, 16) (at least 8). The validation split is a seeded, stratified 20% "
+        "lowest validation loss), learning rate halved after "
+        f"{recipe.get('lr_patience', max(2, (recipe.get('patience') or 20) // 4))} epochs "
+        "without a lower validation loss, batch size min(n/10, 16) (at least 8). The "
+        "validation split is a seeded, stratified 20% "
         "of TRAIN; TEST is scored once, after training, and never used for a choice.",
         f"- Fused models use `branch_dropout={recipe.get('branch_dropout')}` (see below); the "
         "branch settings are the papers' defaults (FCN 128-256-128, ResNet 64-128-128, "
@@ -420,7 +429,7 @@ def write_markdown(results):
 
 
 def main(argv=None):
-    global OUT, THREADS
+    global OUT, THREADS, LR_PATIENCE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--models", default=",".join(MODELS))
@@ -432,7 +441,16 @@ def main(argv=None):
     parser.add_argument(
         "--threads", type=int, default=0, help="TensorFlow threads per process (0: all)"
     )
+    parser.add_argument(
+        "--lr-patience",
+        type=int,
+        default=None,
+        help="epochs of flat validation loss before the learning rate halves "
+        "(default: the recipe's, patience // 4)",
+    )
     args = parser.parse_args(argv)
+    if args.lr_patience is not None:
+        LR_PATIENCE = args.lr_patience
     THREADS = args.threads or os.cpu_count()
     OUT = args.out
     if args.threads:

@@ -30,14 +30,16 @@ def small_data_settings(
     patience=40,
     min_batch_size=8,
     max_batch_size=16,
+    lr_patience=None,
 ):
     """The `small_data` recipe's settings for `num_train` training rows.
 
     The batch is a tenth of the rows, between `min_batch_size` and `max_batch_size`
     (as in Ismail Fawaz et al. 2019, *Deep learning for time series classification: a
     review*: `min(n / 10, 16)`), so even 40 rows make several steps an epoch. The
-    learning rate halves when the validation loss has not improved for `patience // 4`
-    epochs (down to 1e-5; Wang et al. 2017 and Fawaz et al. use ReduceLROnPlateau), and
+    learning rate halves when the validation loss has not improved for `lr_patience`
+    epochs (by default `patience // 4`, at least 2; down to 1e-5; Wang et al. 2017 and
+    Fawaz et al. use ReduceLROnPlateau), and
     training stops after `patience` epochs without a better epoch, restoring the best
     epoch's weights (`kf.callbacks.BestEpoch`: the highest validation accuracy, ties
     broken by the lowest validation loss, each by more than 1e-3; models without an
@@ -52,6 +54,8 @@ def small_data_settings(
             40.
         min_batch_size: int >= 1. Defaults to 8.
         max_batch_size: int >= `min_batch_size`. Defaults to 16.
+        lr_patience: None, or int >= 1: epochs of flat validation loss before the
+            learning rate halves. Defaults to None: `max(2, patience // 4)`.
 
     Returns:
         A dict: `batch_size`, `epochs`, and `callbacks` (fresh keras callback objects:
@@ -73,11 +77,14 @@ def small_data_settings(
     patience = _checks.check_int("patience", patience, minimum=4)
     min_batch_size = _checks.check_int("min_batch_size", min_batch_size)
     max_batch_size = _checks.check_int("max_batch_size", max_batch_size, minimum=min_batch_size)
+    if lr_patience is None:
+        lr_patience = max(2, patience // 4)
+    lr_patience = _checks.check_int("lr_patience", lr_patience)
     batch_size = int(np.clip(num_train // 10, min_batch_size, max_batch_size))
     callbacks = [
         StopOnNaN(),
         keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.5, patience=max(2, patience // 4), min_lr=1e-5
+            monitor="val_loss", factor=0.5, patience=lr_patience, min_lr=1e-5
         ),
         BestEpoch(patience=patience, min_delta=1e-3),
     ]
@@ -94,6 +101,7 @@ def small_data(
     learning_rate=1e-3,
     max_epochs=300,
     patience=40,
+    lr_patience=None,
     compile=True,
     callbacks=None,
     verbose=0,
@@ -120,6 +128,8 @@ def small_data(
         learning_rate: float > 0, Adam's starting learning rate. Defaults to 1e-3.
         max_epochs: int >= 1. Defaults to 300.
         patience: int >= 4, epochs without a better epoch before stopping.
+        lr_patience: None, or int >= 1, epochs of flat validation loss before the
+            learning rate halves. Defaults to None: `max(2, patience // 4)`.
         compile: bool, whether to compile the model as above. Defaults to True.
         callbacks: more keras callbacks, run after the recipe's own.
         verbose: `fit`'s verbosity. Defaults to 0.
@@ -170,7 +180,9 @@ def small_data(
             f"validation_data={type(validation_data).__name__}"
         )
     num_train = len(next(iter(x.values())) if isinstance(x, dict) else x)
-    settings = small_data_settings(num_train, max_epochs=max_epochs, patience=patience)
+    settings = small_data_settings(
+        num_train, max_epochs=max_epochs, patience=patience, lr_patience=lr_patience
+    )
     if compile:
         model.compile(optimizer=keras.optimizers.Adam(learning_rate))
     return model.fit(

@@ -28,6 +28,15 @@ def test_settings_follow_the_data_size():
         8,
         True,
     )
+    # the learning-rate patience: patience // 4 (at least 2) unless set
+    for kwargs, expected in (
+        ({"patience": 40}, 10),
+        ({"patience": 20}, 5),
+        ({"patience": 20, "lr_patience": 10}, 10),
+        ({"patience": 4, "lr_patience": 1}, 1),
+    ):
+        plateau = kf.recipes.small_data_settings(100, **kwargs)["callbacks"][1]
+        assert plateau.patience == expected, kwargs
 
 
 def small_data_settings_batch(n):
@@ -87,6 +96,8 @@ def test_recipe_takes_string_labels_and_explicit_validation_data():
         ({"learning_rate": 0}, "learning_rate"),
         ({"max_epochs": 0}, "max_epochs"),
         ({"patience": 1}, "patience"),
+        ({"lr_patience": 0}, "lr_patience"),
+        ({"lr_patience": 2.5}, "lr_patience"),
         ({"compile": "yes"}, "compile"),
         ({"callbacks": "EarlyStopping"}, "callbacks"),
         ({"validation_data": [1, 2]}, "validation_data"),

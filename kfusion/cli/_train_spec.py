@@ -41,7 +41,7 @@ TRAIN_KEYS = (
     "metrics",
     "recipe",
 )
-RECIPE_OPTIONS = ("name", "max_epochs", "patience")
+RECIPE_OPTIONS = ("name", "max_epochs", "patience", "lr_patience")
 # The largest seed `keras.utils.set_random_seed` takes.
 MAX_SEED = 2**32 - 1
 # Names TensorFlow accepts for the scopes it makes of model and layer names.
@@ -217,7 +217,7 @@ def _check_recipe_options(recipe, path):
         raise UserError(
             f"spec {path}: unknown recipe option {unknown[0]!r}; options: {list(RECIPE_OPTIONS)}"
         )
-    for key, minimum in (("max_epochs", 1), ("patience", 4)):
+    for key, minimum in (("max_epochs", 1), ("patience", 4), ("lr_patience", 1)):
         if key in entry:
             number = _as_number(entry[key], int)
             if number is None or number < minimum:

@@ -238,7 +238,7 @@ def test_train_with_the_small_data_recipe(tmp_path, capsys):
         "inputs": {"signal": {"shape": [12, 3], "normalize": "adapt"}},
         "branches": [{"type": "CNN", "filters": [8], "name": "cnn"}],
         "head": {"type": "Classification", "num_classes": 2},
-        "recipe": {"name": "small_data", "max_epochs": 12, "patience": 4},
+        "recipe": {"name": "small_data", "max_epochs": 12, "patience": 4, "lr_patience": 3},
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     args = ("train", tmp_path / "spec.yaml", "--data", tmp_path / "d.npz", "--quiet")
@@ -252,6 +252,7 @@ def test_train_with_the_small_data_recipe(tmp_path, capsys):
         "name": "small_data",
         "max_epochs": 12,
         "patience": 4,
+        "lr_patience": 3,
         "batch_size": 8,
     }
     val_loss = metrics["history"]["val_loss"]
@@ -264,6 +265,7 @@ def test_train_with_the_small_data_recipe(tmp_path, capsys):
         ("fast", "'recipe' must name one of ['small_data']"),
         ({"name": "small_data", "epochs": 3}, "unknown recipe option 'epochs'"),
         ({"name": "small_data", "patience": 1}, "recipe 'patience' must be an integer >= 4"),
+        ({"name": "small_data", "lr_patience": 0}, "recipe 'lr_patience' must be an integer >= 1"),
     ):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "recipe": recipe}))
         bad = ("train", tmp_path / "bad.yaml", "--data", tmp_path / "d.npz")
