@@ -665,7 +665,8 @@ def render(results, a):
             "Without XLA the log-space scan is several elementwise passes (log, exp, "
             "cumsum, logcumsumexp and their gradients) over (batch, T, 64) tensors, one "
             "kernel each; XLA fuses them. Keras leaves XLA off on a TensorFlow CPU by "
-            "default, so a user gets the `_xla` speed with `compile(jit_compile=True)`.",
+            "default: a FusionModel holding these cells turns it on there by default (the "
+            "section below), a plain keras.Model needs `compile(jit_compile=True)`.",
         ]
     )
     (HERE / "long_sequences.json").write_text(json.dumps(results, indent=1) + "\n")
