@@ -193,7 +193,7 @@ class BaseBranch(keras.layers.Layer):
                 )
             mask = ops.not_equal(inputs, 0)
             x = self.embedding(inputs)
-            x = x * ops.expand_dims(ops.cast(mask, x.dtype), -1)
+            x = _utils.zero_padded(x, mask)
         else:
             x = inputs
             if self.input_kind != "sequence":

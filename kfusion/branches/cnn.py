@@ -3,6 +3,7 @@ from keras import ops
 
 from kfusion import _checks
 from kfusion.branches._base import BaseBranch
+from kfusion.layers import _utils
 
 _NORMS = ("batch", "layer", None)
 
@@ -241,9 +242,8 @@ class CNN(BaseBranch):
         if kind == "image":
             x = ops.cast(x, self.compute_dtype)
             mask = None
-        keep = None
-        if mask is not None:
-            keep = ops.expand_dims(ops.cast(mask, x.dtype), -1)
+        keep = _utils.step_mask(mask, x.dtype)
+        if keep is not None:
             x = x * keep
         for i, conv in enumerate(self.conv_layers):
             h = conv(x)

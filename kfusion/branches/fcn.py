@@ -3,6 +3,7 @@ from keras import ops
 
 from kfusion import _checks
 from kfusion.branches._base import BaseBranch
+from kfusion.layers import _utils
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -141,7 +142,7 @@ class FCN(BaseBranch):
 
     def _call_body(self, x, mask, kind, training):
         x = ops.cast(x, self.compute_dtype)
-        keep = None if mask is None else ops.expand_dims(ops.cast(mask, x.dtype), -1)
+        keep = _utils.step_mask(mask, x.dtype)
         for conv, norm, drop in zip(self.conv_layers, self.norm_layers, self.dropout_layers):
             if keep is not None:
                 x = x * keep  # padded steps read as the convolution's zero padding

@@ -3,6 +3,7 @@ from keras import ops
 
 from kfusion import _checks
 from kfusion.branches._base import BaseBranch
+from kfusion.layers import _utils
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -214,7 +215,7 @@ class InceptionTime(BaseBranch):
         x = ops.cast(x, self.compute_dtype)
         keep = valid = None
         if mask is not None:
-            valid = ops.expand_dims(ops.cast(mask, "bool"), -1)
+            valid = _utils.step_mask(mask, "bool")
             keep = ops.cast(valid, x.dtype)
             half = keras.backend.standardize_dtype(x.dtype) == "float16"
             low = ops.cast(-6.0e4 if half else -1.0e9, x.dtype)

@@ -3,6 +3,7 @@ from keras import ops
 
 from kfusion import _checks
 from kfusion.branches._base import BaseBranch
+from kfusion.layers import _utils
 
 
 @keras.saving.register_keras_serializable(package="kfusion")
@@ -167,7 +168,7 @@ class ResNet(BaseBranch):
 
     def _call_body(self, x, mask, kind, training):
         x = ops.cast(x, self.compute_dtype)
-        keep = None if mask is None else ops.expand_dims(ops.cast(mask, x.dtype), -1)
+        keep = _utils.step_mask(mask, x.dtype)
 
         def zero_padded(h):  # padded steps read as the convolutions' zero padding
             return h if keep is None else h * keep

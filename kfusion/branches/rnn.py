@@ -3,6 +3,7 @@ from keras import ops
 
 from kfusion import _checks
 from kfusion.branches._base import BaseBranch
+from kfusion.layers import _utils
 from kfusion.layers.min_gru import MinGRU
 from kfusion.layers.min_lstm import MinLSTM
 
@@ -279,8 +280,7 @@ class RNN(BaseBranch):
             x = ops.cast(x, self.compute_dtype)
             mask = None
         if self.conv is not None:
-            if mask is not None:  # padded steps read as zeros, as before the first step
-                x = x * ops.expand_dims(ops.cast(mask, x.dtype), -1)
+            x = _utils.zero_padded(x, mask)  # padded steps read as zeros, as before step 0
             x = self.conv_norm(self.conv(x))
         for i, layer in enumerate(self.rnn_layers):
             if self.backward_layers:

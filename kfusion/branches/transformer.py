@@ -345,9 +345,7 @@ class Transformer(BaseBranch):
             x = self.final_norm(x)
         if self.pooling == "cls":
             return x[:, 0, :], None
-        if mask is not None:
-            x = x * ops.expand_dims(ops.cast(mask, x.dtype), -1)
-        return x, mask
+        return _utils.zero_padded(x, mask), mask
 
     def _body_output_shape(self, kind, shape):
         shape = tuple(shape)

@@ -32,6 +32,7 @@ import keras
 from keras import ops
 
 from kfusion import _checks
+from kfusion.layers import _utils
 
 # log(b) of a masked step: exp(-1e4) is exactly 0 in float32, and -1e4 stays finite, so no
 # `inf - inf` can reach the scan or its gradient.
@@ -305,7 +306,7 @@ class MinRNNBase(keras.layers.Layer):
         log_a, log_b = self._log_coefficients(x)
         valid = None
         if mask is not None:
-            valid = ops.expand_dims(ops.cast(mask, "bool"), -1)
+            valid = _utils.step_mask(mask, "bool")
             log_a = ops.where(valid, log_a, 0.0)
         if self.go_backwards:
             log_a, log_b = ops.flip(log_a, axis=1), ops.flip(log_b, axis=1)

@@ -122,11 +122,21 @@ def sigmoid_float32(logits):
     return ops.sigmoid(ops.cast(logits, "float32"))
 
 
+def step_mask(mask, dtype):
+    """A (batch, T) padding mask as (batch, T, 1) of `dtype` (None stays None)."""
+    return None if mask is None else ops.expand_dims(ops.cast(mask, dtype), -1)
+
+
+def zero_padded(x, mask):
+    """`x` (batch, T, D) with the padded steps (mask False) set to 0."""
+    return x if mask is None else x * step_mask(mask, x.dtype)
+
+
 def masked_mean(x, mask, axis=1):
     """Mean of `x` (batch, T, D) over `axis`, counting only steps where mask is True."""
     if mask is None:
         return ops.mean(x, axis=axis)
-    m = ops.expand_dims(ops.cast(mask, x.dtype), -1)
+    m = step_mask(mask, x.dtype)
     total = ops.sum(x * m, axis=axis)
     count = ops.maximum(ops.sum(m, axis=axis), ops.cast(1.0, x.dtype))
     return total / count

@@ -3,6 +3,7 @@ import numpy as np
 from keras import ops
 
 from kfusion import _checks
+from kfusion.layers import _utils
 
 MODES = ("adapt", "series")
 
@@ -158,9 +159,7 @@ class InputNormalization(keras.layers.Layer):
 
     def call(self, inputs, mask=None):
         x = ops.cast(inputs, "float32")
-        keep = None
-        if mask is not None:
-            keep = ops.expand_dims(ops.cast(mask, "float32"), -1)
+        keep = _utils.step_mask(mask, "float32")
         if self.mode == "adapt":
             std = ops.sqrt(self.variance)
             z = (x - self.mean) / ops.maximum(std, self.epsilon)
