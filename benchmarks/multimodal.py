@@ -127,7 +127,7 @@ def make_views(corruption):
     left = images[:, :, :4]
     right = images[:, :, 4:] + corruption["right_noise"] * rng.normal(size=(n, 8, 4, 1))
     right[:, : corruption["right_occluded_rows"]] = 0.0
-    projection = rng.normal(size=(64, SHAPES["tab"][0])) / 8.0
+    projection = rng.normal(size=(64, corruption.get("tab_dims", SHAPES["tab"][0]))) / 8.0
     tab = images.reshape(n, 64) @ projection
     tab = (tab - tab.mean(0)) / tab.std(0)
     tab = tab + corruption["tab_noise"] * rng.normal(size=tab.shape)
@@ -145,12 +145,13 @@ def split(y):
     return fit, val, test
 
 
-def build(mods, seed, kwargs=None):
+def build(mods, seed, kwargs=None, shapes=None):
     import keras
 
     import kfusion as kf
 
     keras.utils.set_random_seed(seed)
+    shapes = {**SHAPES, **(shapes or {})}
 
     def branch(m):
         if m == "tab":
@@ -163,11 +164,11 @@ def build(mods, seed, kwargs=None):
     if len(mods) == 1:
         (m,) = mods
         model = kf.FusionModel(
-            inputs=keras.Input(SHAPES[m], name=m), branches=[branch(m)], head=head
+            inputs=keras.Input(shapes[m], name=m), branches=[branch(m)], head=head
         )
     else:
         model = kf.FusionModel(
-            inputs={m: keras.Input(SHAPES[m], name=m) for m in mods},
+            inputs={m: keras.Input(shapes[m], name=m) for m in mods},
             branches={m: [branch(m)] for m in mods},
             fusion=FUSION,
             head=head,
@@ -192,7 +193,7 @@ def train(mods, views, y, parts, seed, epochs, kwargs=None):
     import keras
 
     fit, val, _ = parts
-    model = build(mods, seed, kwargs)
+    model = build(mods, seed, kwargs, {m: views[m].shape[1:] for m in mods})
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=PATIENCE, restore_best_weights=True
     )
